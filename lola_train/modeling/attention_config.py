@@ -31,8 +31,8 @@ def from_mapping(cls, data: Mapping[str, Any], prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; valid keys under {prefix or 'the top level'}: "
-                          f"{', '.join(names)}")
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys under {where}: {', '.join(names)}")
     return cls(**dict(data))
 
 
