@@ -7,19 +7,10 @@ from torch import nn
 
 from .modeling.attention_config import AttentionConfig
 from .modeling.hybrid_attention import HybridAttention
+from .modeling.swap_attention import SUPPORTED_MODEL_TYPES, decoder_layers, swap_attention_layers
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-"""Architectures whose attention has the Llama shape: q/k/v/o projections, rotate-half RoPE given as
-position_embeddings, GQA, scaling 1/sqrt(head_dim) (Qwen3 adds q/k RMSNorm, which is kept)."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no decoder layers at .model.layers; supported model types: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    return layers
+__all__ = ["SUPPORTED_MODEL_TYPES", "convert", "decoder_layers", "hybrid_layers", "set_transfer_mode",
+           "transfer_parameters"]
 
 
 def hybrid_layers(model: nn.Module) -> list[HybridAttention]:
@@ -41,17 +32,7 @@ def convert(model: nn.Module, attention_config: AttentionConfig | Mapping[str, A
                          f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if hybrid_layers(model):
         raise ValueError("convert: this model is already converted (it has HybridAttention layers)")
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    for idx, layer in enumerate(decoder_layers(model)):
-        attn = layer.self_attn
-        scaling = getattr(attn, "scaling", head_dim ** -0.5)
-        if abs(scaling - head_dim ** -0.5) > 1e-9:
-            raise ValueError(f"convert: layer {idx} scales attention logits by {scaling}, not 1/sqrt(head_dim); "
-                             "only the standard scaling is supported")
-        layer.self_attn = HybridAttention(attn, cfg, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                          head_dim=head_dim, layer_idx=getattr(attn, "layer_idx", idx))
+    swap_attention_layers(model, cfg)
     # The converted layers bring their own window: drop the teacher's softmax sliding window (Mistral/Qwen2), so
     # that transformers neither builds sliding masks nor crops its KV cache for these layers.
     if getattr(config, "sliding_window", None) is not None:

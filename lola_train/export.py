@@ -1,0 +1,112 @@
+"""Export a linearized model as a self-contained Hugging Face folder (remote code), and the LoRA adapter alone.
+
+The folder holds the merged weights (base + LoRA, feature maps, mixing factors), a config whose ``model_type`` is
+``lola_<base>`` with an ``auto_map`` to ``configuration_lola`` / ``modeling_lola``, every file of
+``lola_train/modeling/`` and the tokenizer. ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``
+rebuilds it on a machine without lola-train. Folders are written to a temp dir and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import DTYPES
+
+MODELING_DIR = Path(__file__).resolve().parent / "modeling"
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Atomically put folder ``tmp`` at ``target`` (an existing target is moved aside first, then deleted)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_remote_code(folder: Path, base_model_type: str) -> None:
+    """Copy the modeling package and point config.json at its classes."""
+    from .modeling.configuration_lola import LOLA_CONFIGS
+    from .modeling.modeling_lola import LOLA_MODELS
+
+    if base_model_type not in LOLA_CONFIGS:
+        raise ValueError(f"export: model_type {base_model_type!r} has no exported class; supported: "
+                         f"{', '.join(LOLA_CONFIGS)}")
+    for f in sorted(MODELING_DIR.glob("*.py")):
+        shutil.copyfile(f, folder / f.name)
+    cfg_path = folder / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config_cls, model_cls = LOLA_CONFIGS[base_model_type], LOLA_MODELS[base_model_type]
+    config.update({
+        "model_type": config_cls.model_type,
+        "architectures": [model_cls.__name__],
+        "auto_map": {"AutoConfig": f"configuration_lola.{config_cls.__name__}",
+                     "AutoModelForCausalLM": f"modeling_lola.{model_cls.__name__}"},
+        "lola_base_model_type": base_model_type,
+    })
+    cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def export_model(model: nn.Module, tokenizer, target: Path, *, dtype: str = "model") -> Path:
+    """Save a converted (LoRA already merged) causal LM to ``target`` as a remote-code HF folder.
+
+    dtype: 'model' keeps the parameter dtypes; otherwise the non-feature-map weights are cast to it while the
+    feature maps and mixing factors stay float32.
+    """
+    from .convert import hybrid_layers
+
+    if not hybrid_layers(model):
+        raise ValueError("export: the model has no HybridAttention layers; convert it first")
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("export: the model still has LoRA layers; merge them first (peft merge_and_unload)")
+    base_type = model.config.model_type
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        if dtype != "model":
+            keep = {id(p) for layer in hybrid_layers(model) for p in
+                    list(layer.feature_map_q.parameters()) + list(layer.feature_map_k.parameters())
+                    + [layer.window_factors]}
+            for p in model.parameters():
+                if id(p) not in keep:
+                    p.data = p.data.to(DTYPES[dtype])
+            model.config.dtype = dtype
+        model.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        write_remote_code(tmp, base_type)
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def export_adapter(peft_model, lola_params: dict[str, torch.Tensor], target: Path) -> Path:
+    """Save the LoRA adapter (peft format) plus the stage-1 parameters it was trained on top of
+    (``lola_attention.safetensors``: feature maps and mixing factors by parameter name)."""
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        peft_model.save_pretrained(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in lola_params.items()},
+                  str(tmp / "lola_attention.safetensors"))
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
