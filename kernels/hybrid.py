@@ -1,0 +1,544 @@
+"""Triton kernels for the hybrid sliding-window softmax + linear attention, forward and backward (spec 1.4).
+
+The function is exactly :func:`lola_train.modeling.hybrid_ops.hybrid_attention_reference`:
+
+    s_ij = q_i . k_j / sqrt(d),   m_i = max_{j in Win(i)} s_ij      (window only, trap T1)
+    A_ij = sigma_h exp(s_ij - m_i) on Win(i),   ell_h fq_i . fk_j on Lin(i)   (linear terms never shifted)
+    y_i  = sum_j A_ij v_j / sum_j A_ij       (0 / 1 when the denominator is not positive, like the reference)
+
+Algorithm (the blueprint is ``hybrid_attention_chunked``). The key axis is cut into blocks of C keys aligned to
+position 0; query row p (absolute position, p = Lk - Lq + i) lives in block n = p // C. Query block n scores the
+keys of blocks n-P..n explicitly (P = ceil(lookback / C), lookback = W-1 for 'sw', 2W-1 for 'tk'), which hold
+its whole window and the newest part of its linear memory; every older key enters through the prefix state
+S_n = sum_{keys < (n-P) C} fk^T v  [D, d] and z = sum fk [D].
+
+Forward:  ``_state_fwd_kernel`` (scan: states at every block boundary, [B*H, NB, D, d]) then
+          ``_attn_fwd_kernel`` (one program per query block and head: online max over window positions only,
+          an unshifted linear accumulator, plus fq @ S). It saves per row the denominator, the max m and the
+          index of the arg-max key (the max is part of the function, so it carries a gradient).
+Backward: ``_attn_bwd_dq_kernel`` (dq, dfq, the per-row max gradient and per-row sigma/ell gradients),
+          ``_state_bwd_kernel`` (reverse scan of dS = sum ell fq^T g over the query blocks that read a state),
+          ``_attn_bwd_dkdv_kernel`` (dk, dv, dfk from the local blocks plus the state gradients).
+
+All arithmetic is float32 (``tl.dot`` with ``input_precision='ieee'`` by default, so no TF32 rounding); inputs
+may be fp32/bf16/fp16 and are cast up on load. Grouped-query attention: k and v may have H_kv heads with
+H % H_kv == 0 (query head h reads KV head h // (H / H_kv)); fq and fk are per query head (trap T2).
+
+Masks: ``key_mask`` [B, Lk] (True = real token) removes keys from both memories, as in the reference. The
+max of a row is taken over its window keys that are real; rows with no such key use m = 0 (the reference's
+convention). Ties for the max send its gradient to the first arg-max key (torch.amax splits it among ties).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lola_train.modeling.hybrid_ops import hybrid_attention_reference
+
+_NEG = tl.constexpr(-1.0e30)  # running-max sentinel of rows that have seen no window key yet
+
+
+@triton.jit
+def _window_masks(p, j, key_ok, W, SHIFT, LAYOUT: tl.constexpr):
+    """(win, lin) [rows, keys] for absolute query positions p [rows] and key positions j [keys]."""
+    pp = p[:, None]
+    jj = j[None, :]
+    causal = (jj <= pp) & key_ok[None, :]
+    if LAYOUT == 0:  # 'sw': the current token and the W-1 before it
+        win = causal & (jj > pp - W)
+        lin = causal & (jj <= pp - W)
+    else:  # 'tk': blocks of W aligned to the end of the keys (SHIFT = (-Lk) % W); previous block + own block
+        bj = (jj + SHIFT) // W
+        bp = (pp + SHIFT) // W
+        win = causal & (bj >= bp - 1)
+        lin = causal & (bj <= bp - 2)
+    return win, lin
+
+
+@triton.jit
+def _key_ok(KM, b, j, Lk, HAS_MASK: tl.constexpr):
+    ok = j < Lk
+    if HAS_MASK:
+        ok = ok & (tl.load(KM + b * Lk + j, mask=j < Lk, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _state_fwd_kernel(FK, V, KM, S, Z, Lk, H, G, NB, D, d,
+                      HAS_MASK: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                      PREC: tl.constexpr):
+    """S[bh, n] = sum_{real keys j < nC} fk_j^T v_j (tile [BD, BV]);  Z[bh, n] = sum fk_j (tile BD)."""
+    pid_d = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    offs_f = pid_d * BD + tl.arange(0, BD)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    f_ok = offs_f < D
+    v_ok = offs_v < d
+    rows = tl.arange(0, C)
+    fk_base = FK + bh * Lk * D
+    v_base = V + (b * (H // G) + hk) * Lk * d
+    s_base = S + bh * NB * D * d
+    z_base = Z + bh * NB * D
+    acc = tl.zeros([BD, BV], dtype=tl.float32)
+    zacc = tl.zeros([BD], dtype=tl.float32)
+    for n in range(0, NB):
+        tl.store(s_base + n * D * d + offs_f[:, None] * d + offs_v[None, :], acc,
+                 mask=f_ok[:, None] & v_ok[None, :])
+        tl.store(z_base + n * D + offs_f, zacc, mask=f_ok & (offs_f * 0 + pid_v == 0))
+        j = n * C + rows
+        ok = _key_ok(KM, b, j, Lk, HAS_MASK)
+        fkb = tl.load(fk_base + j[:, None] * D + offs_f[None, :], mask=ok[:, None] & f_ok[None, :],
+                      other=0.0).to(tl.float32)
+        vb = tl.load(v_base + j[:, None] * d + offs_v[None, :], mask=ok[:, None] & v_ok[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(fkb), vb, input_precision=PREC)
+        zacc += tl.sum(fkb, 0)
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, Y, DEN, M, AM,
+                     Lq, Lk, H, G, NB, n0, P, W, SHIFT, scale, d, D,
+                     LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, C: tl.constexpr,
+                     DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
+    n = tl.program_id(0) + n0
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    kv_off = (b * (H // G) + hk) * Lk * d
+    off = Lk - Lq
+    r = tl.arange(0, C)
+    cd = tl.arange(0, DH)
+    cf = tl.arange(0, DF)
+    d_ok = cd < d
+    f_ok = cf < D
+    p = n * C + r
+    row_ok = (p >= off) & (p < Lk)
+    i = p - off
+    q = tl.load(Q + bh * Lq * d + i[:, None] * d + cd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0).to(tl.float32)
+    fq = tl.load(FQ + bh * Lq * D + i[:, None] * D + cf[None, :], mask=row_ok[:, None] & f_ok[None, :],
+                 other=0.0).to(tl.float32)
+    sigma = tl.load(SIG + h)
+    ell = tl.load(ELL + h)
+
+    nb = tl.maximum(n - P, 0)  # state of every key before block nb (zeros for nb = 0)
+    st = tl.load(S + (bh * NB + nb) * D * d + cf[:, None] * d + cd[None, :], mask=f_ok[:, None] & d_ok[None, :],
+                 other=0.0)
+    zt = tl.load(Z + (bh * NB + nb) * D + cf, mask=f_ok, other=0.0)
+    acc_l = tl.dot(fq, st, input_precision=PREC)
+    l_l = tl.sum(fq * zt[None, :], 1)
+    acc_w = tl.zeros([C, DH], dtype=tl.float32)
+    l_w = tl.zeros([C], dtype=tl.float32)
+    m = tl.full([C], _NEG, tl.float32)
+    am = tl.full([C], -1, tl.int32)
+    for kb in range(nb, n + 1):
+        j = kb * C + r
+        key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
+        k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=key_ok[:, None] & f_ok[None, :],
+                     other=0.0).to(tl.float32)
+        win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s_w = tl.where(win, s, float("-inf"))
+        blk_max = tl.max(s_w, 1)
+        blk_arg = tl.argmax(s_w, 1).to(tl.int32) + kb * C
+        am = tl.where(blk_max > m, blk_arg, am)
+        m_new = tl.maximum(m, blk_max)
+        alpha = tl.exp(m - m_new)
+        pw = tl.exp(s_w - m_new[:, None])  # 0 off the window (s_w = -inf there)
+        acc_w = acc_w * alpha[:, None] + tl.dot(pw, v, input_precision=PREC)
+        l_w = l_w * alpha + tl.sum(pw, 1)
+        m = m_new
+        ls = tl.where(lin, tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
+        acc_l += tl.dot(ls, v, input_precision=PREC)
+        l_l += tl.sum(ls, 1)
+    num = sigma * acc_w + ell * acc_l
+    den = sigma * l_w + ell * l_l
+    y = num / tl.where(den > 0, den, 1.0)[:, None]
+    m = tl.where(m > _NEG, m, 0.0)
+    tl.store(Y + bh * Lq * d + i[:, None] * d + cd[None, :], y, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(DEN + bh * Lq + i, den, mask=row_ok)
+    tl.store(M + bh * Lq + i, m, mask=row_ok)
+    tl.store(AM + bh * Lq + i, am, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, DO, RDEN, DELTA, M, AM,
+                        DQ, DFQ, DM, DSIG, DELL,
+                        Lq, Lk, H, G, NB, n0, P, W, SHIFT, scale, d, D,
+                        LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, C: tl.constexpr,
+                        DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
+    """Per query block: dq, dfq, DM = sum_win A dA (gradient of -m), per-row dsigma and dell."""
+    n = tl.program_id(0) + n0
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    kv_off = (b * (H // G) + hk) * Lk * d
+    off = Lk - Lq
+    r = tl.arange(0, C)
+    cd = tl.arange(0, DH)
+    cf = tl.arange(0, DF)
+    d_ok = cd < d
+    f_ok = cf < D
+    p = n * C + r
+    row_ok = (p >= off) & (p < Lk)
+    i = p - off
+    rd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + bh * Lq * d + i[:, None] * d + cd[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    fq = tl.load(FQ + bh * Lq * D + i[:, None] * D + cf[None, :], mask=row_ok[:, None] & f_ok[None, :],
+                 other=0.0).to(tl.float32)
+    do = tl.load(DO + bh * Lq * d + i[:, None] * d + cd[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    rden = tl.load(RDEN + bh * Lq + i, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * Lq + i, mask=row_ok, other=0.0)
+    m = tl.load(M + bh * Lq + i, mask=row_ok, other=0.0)
+    am = tl.load(AM + bh * Lq + i, mask=row_ok, other=-1)
+    sigma = tl.load(SIG + h)
+    ell = tl.load(ELL + h)
+    g = do * rden[:, None]
+
+    nb = tl.maximum(n - P, 0)
+    st = tl.load(S + (bh * NB + nb) * D * d + cf[:, None] * d + cd[None, :], mask=f_ok[:, None] & d_ok[None, :],
+                 other=0.0)
+    zt = tl.load(Z + (bh * NB + nb) * D + cf, mask=f_ok, other=0.0)
+    gs = tl.dot(g, tl.trans(st), input_precision=PREC)  # [C, DF]
+    dfq = ell * (gs + delta[:, None] * zt[None, :])
+    dell = tl.sum(fq * gs, 1) + delta * tl.sum(fq * zt[None, :], 1)
+    dsig = tl.zeros([C], dtype=tl.float32)
+    dm = tl.zeros([C], dtype=tl.float32)
+    dq = tl.zeros([C, DH], dtype=tl.float32)
+    kmax = tl.zeros([C, DH], dtype=tl.float32)
+    for kb in range(nb, n + 1):
+        j = kb * C + r
+        key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
+        k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=key_ok[:, None] & f_ok[None, :],
+                     other=0.0).to(tl.float32)
+        win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        pw = tl.exp(tl.where(win, s - m[:, None], float("-inf")))
+        ls = tl.dot(fq, tl.trans(fk), input_precision=PREC)
+        da = tl.dot(g, tl.trans(v), input_precision=PREC) + delta[:, None]
+        t = pw * da
+        dsig += tl.sum(t, 1)
+        t = sigma * t
+        dm += tl.sum(t, 1)
+        dq += tl.dot(t, k, input_precision=PREC)
+        onehot = tl.where(j[None, :] == am[:, None], 1.0, 0.0)
+        kmax += tl.dot(onehot, k, input_precision=PREC)
+        dal = tl.where(lin, da, 0.0)
+        dell += tl.sum(dal * ls, 1)
+        dfq += ell * tl.dot(dal, fk, input_precision=PREC)
+    dq = (dq - dm[:, None] * kmax) * scale
+    tl.store(DQ + bh * Lq * d + i[:, None] * d + cd[None, :], dq, mask=rd_mask)
+    tl.store(DFQ + bh * Lq * D + i[:, None] * D + cf[None, :], dfq, mask=row_ok[:, None] & f_ok[None, :])
+    tl.store(DM + bh * Lq + i, dm, mask=row_ok)
+    tl.store(DSIG + bh * Lq + i, dsig, mask=row_ok)
+    tl.store(DELL + bh * Lq + i, dell, mask=row_ok)
+
+
+@triton.jit
+def _state_bwd_kernel(FQ, DO, RDEN, DELTA, ELL, DS, DZ, Lq, Lk, H, NB, P, D, d,
+                      C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """DS[bh, b] = sum over query blocks n >= b+1+P of ell fq_n^T g_n (the gradient reaching key block b through
+    every state that contains it); DZ[bh, b] = the same with delta in place of g. A reverse scan."""
+    pid_d = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    bh = tl.program_id(2)
+    h = bh % H
+    ell = tl.load(ELL + h)
+    off = Lk - Lq
+    offs_f = pid_d * BD + tl.arange(0, BD)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    f_ok = offs_f < D
+    v_ok = offs_v < d
+    r = tl.arange(0, C)
+    acc = tl.zeros([BD, BV], dtype=tl.float32)
+    zacc = tl.zeros([BD], dtype=tl.float32)
+    for it in range(0, NB):
+        kb = NB - 1 - it
+        tl.store(DS + (bh * NB + kb) * D * d + offs_f[:, None] * d + offs_v[None, :], acc,
+                 mask=f_ok[:, None] & v_ok[None, :])
+        tl.store(DZ + (bh * NB + kb) * D + offs_f, zacc, mask=f_ok & (offs_f * 0 + pid_v == 0))
+        p = (kb + P) * C + r  # the query block whose state first contains key block kb - 1
+        row_ok = (p >= off) & (p < Lk)
+        i = p - off
+        fq = tl.load(FQ + bh * Lq * D + i[:, None] * D + offs_f[None, :], mask=row_ok[:, None] & f_ok[None, :],
+                     other=0.0).to(tl.float32)
+        do = tl.load(DO + bh * Lq * d + i[:, None] * d + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :],
+                     other=0.0).to(tl.float32)
+        rden = tl.load(RDEN + bh * Lq + i, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * Lq + i, mask=row_ok, other=0.0)
+        acc += ell * tl.dot(tl.trans(fq), do * rden[:, None], input_precision=PREC)
+        zacc += ell * tl.sum(fq * delta[:, None], 0)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA, M, AM, DM,
+                          DK, DV, DFK,
+                          Lq, Lk, H, G, NB, n0, P, W, SHIFT, scale, d, D,
+                          LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, C: tl.constexpr,
+                          DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
+    """Per key block and query head: dk, dv, dfk from query blocks kb..kb+P plus the state gradients."""
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    kv_off = (b * (H // G) + hk) * Lk * d
+    off = Lk - Lq
+    r = tl.arange(0, C)
+    cd = tl.arange(0, DH)
+    cf = tl.arange(0, DF)
+    d_ok = cd < d
+    f_ok = cf < D
+    j = kb * C + r
+    key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
+    kd_mask = key_ok[:, None] & d_ok[None, :]
+    kf_mask = key_ok[:, None] & f_ok[None, :]
+    k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=kd_mask, other=0.0).to(tl.float32)
+    v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=kd_mask, other=0.0).to(tl.float32)
+    fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=kf_mask, other=0.0).to(tl.float32)
+    sigma = tl.load(SIG + h)
+    ell = tl.load(ELL + h)
+
+    rs = tl.load(DS + (bh * NB + kb) * D * d + cf[:, None] * d + cd[None, :], mask=f_ok[:, None] & d_ok[None, :],
+                 other=0.0)
+    rz = tl.load(DZ + (bh * NB + kb) * D + cf, mask=f_ok, other=0.0)
+    dfk = tl.dot(v, tl.trans(rs), input_precision=PREC) + rz[None, :]
+    dv = tl.dot(fk, rs, input_precision=PREC)
+    dk = tl.zeros([C, DH], dtype=tl.float32)
+    for n in range(tl.maximum(kb, n0), tl.minimum(kb + P, NB - 1) + 1):
+        p = n * C + r
+        row_ok = (p >= off) & (p < Lk)
+        i = p - off
+        rd_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + bh * Lq * d + i[:, None] * d + cd[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+        fq = tl.load(FQ + bh * Lq * D + i[:, None] * D + cf[None, :], mask=row_ok[:, None] & f_ok[None, :],
+                     other=0.0).to(tl.float32)
+        do = tl.load(DO + bh * Lq * d + i[:, None] * d + cd[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+        rden = tl.load(RDEN + bh * Lq + i, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * Lq + i, mask=row_ok, other=0.0)
+        m = tl.load(M + bh * Lq + i, mask=row_ok, other=0.0)
+        am = tl.load(AM + bh * Lq + i, mask=row_ok, other=-1)
+        dm = tl.load(DM + bh * Lq + i, mask=row_ok, other=0.0)
+        g = do * rden[:, None]
+        win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        aw = sigma * tl.exp(tl.where(win, s - m[:, None], float("-inf")))
+        al = tl.where(lin, ell * tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
+        da = tl.dot(g, tl.trans(v), input_precision=PREC) + delta[:, None]
+        dv += tl.dot(tl.trans(aw + al), g, input_precision=PREC)
+        ds = aw * da - tl.where(j[None, :] == am[:, None], dm[:, None], 0.0)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+        dfk += ell * tl.dot(tl.trans(tl.where(lin, da, 0.0)), fq, input_precision=PREC)
+    dk = tl.where(kd_mask, dk * scale, 0.0)
+    dv = tl.where(kd_mask, dv, 0.0)
+    dfk = tl.where(kf_mask, dfk, 0.0)
+    out_ok = (j < Lk)[:, None]
+    tl.store(DK + bh * Lk * d + j[:, None] * d + cd[None, :], dk, mask=out_ok & d_ok[None, :])
+    tl.store(DV + bh * Lk * d + j[:, None] * d + cd[None, :], dv, mask=out_ok & d_ok[None, :])
+    tl.store(DFK + bh * Lk * D + j[:, None] * D + cf[None, :], dfk, mask=out_ok & f_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host side
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 set before this module loaded)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def default_block(head_dim: int, feature_width: int) -> int:
+    """Key/query block C (also the state granularity): 64 for head dims up to 64, else 32 (register budget)."""
+    return 64 if head_dim <= 64 and feature_width <= 128 else 32
+
+
+class _Plan:
+    """Sizes shared by the kernels of one call."""
+
+    def __init__(self, q, k, fq, window: int, layout: str, block: int, precision: str):
+        self.B, self.H, self.Lq, self.d = q.shape
+        self.Hkv, self.Lk = k.shape[1], k.shape[2]
+        self.G = self.H // self.Hkv
+        self.D = fq.shape[-1]
+        self.C = block
+        self.W = window
+        self.layout = 0 if layout == "sw" else 1
+        self.shift = (-self.Lk) % window
+        lookback = window - 1 if layout == "sw" else 2 * window - 1
+        self.P = -(-lookback // block)
+        self.NB = -(-self.Lk // block)
+        self.n0 = (self.Lk - self.Lq) // block  # first key block that holds a query
+        self.DH, self.DF = _pow2(self.d), _pow2(self.D)
+        self.BD, self.BV = min(self.DF, 64), min(self.DH, 64)
+        self.scale = 1.0 / math.sqrt(self.d)
+        self.prec = precision
+        self.num_warps = 4 if block <= 32 else 8
+
+    def common(self):
+        return dict(W=self.W, SHIFT=self.shift, scale=self.scale, d=self.d, D=self.D, LAYOUT=self.layout,
+                    C=self.C, DH=self.DH, DF=self.DF, PREC=self.prec, num_warps=self.num_warps)
+
+
+def _states(fk, v, km, plan: _Plan, has_mask: bool):
+    """Prefix states at every block boundary: S [B*H, NB, D, d], Z [B*H, NB, D] (float32)."""
+    bh = plan.B * plan.H
+    s = torch.empty(bh, plan.NB, plan.D, plan.d, device=fk.device, dtype=torch.float32)
+    z = torch.empty(bh, plan.NB, plan.D, device=fk.device, dtype=torch.float32)
+    grid = (triton.cdiv(plan.D, plan.BD), triton.cdiv(plan.d, plan.BV), bh)
+    _state_fwd_kernel[grid](fk, v, km, s, z, plan.Lk, plan.H, plan.G, plan.NB, plan.D, plan.d,
+                            HAS_MASK=has_mask, C=plan.C, BD=plan.BD, BV=plan.BV, PREC=plan.prec)
+    return s, z
+
+
+class HybridAttentionTriton(torch.autograd.Function):
+    """Autograd wrapper: forward and backward are Triton kernels; gradients for q, k, v, fq, fk, sigma, ell."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fq, fk, sigma, ell, km, window, layout, block, precision):
+        plan = _Plan(q, k, fq, window, layout, block, precision)
+        has_mask = km is not None
+        km_arg = km if has_mask else q  # placeholder pointer, never read
+        s, z = _states(fk, v, km_arg, plan, has_mask)
+        bh = plan.B * plan.H
+        y = torch.empty_like(q)
+        den = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.float32)
+        m = torch.empty_like(den)
+        am = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.int32)
+        grid = (plan.NB - plan.n0, bh)
+        _attn_fwd_kernel[grid](q, k, v, fq, fk, sigma, ell, km_arg, s, z, y, den, m, am,
+                               plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
+                               HAS_MASK=has_mask, **plan.common())
+        del s, z  # recomputed in backward: one cheap scan instead of keeping NB*D*d floats per head
+        ctx.save_for_backward(q, k, v, fq, fk, sigma, ell, km, y, den, m, am)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, fq, fk, sigma, ell, km, y, den, m, am = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        has_mask = km is not None
+        km_arg = km if has_mask else q
+        dy = dy.contiguous()
+        bh = plan.B * plan.H
+        pos = den > 0
+        den_safe = torch.where(pos, den, torch.ones_like(den))
+        rden = 1.0 / den_safe
+        dot = (dy.float() * y.float()).sum(-1).reshape(bh, plan.Lq)
+        delta = torch.where(pos, -dot / den_safe, torch.zeros_like(den))
+
+        s, z = _states(fk, v, km_arg, plan, has_mask)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dq = torch.empty(plan.B, plan.H, plan.Lq, plan.d, **f32)
+        dfq = torch.empty(plan.B, plan.H, plan.Lq, plan.D, **f32)
+        dm = torch.empty(bh, plan.Lq, **f32)
+        dsig = torch.empty(bh, plan.Lq, **f32)
+        dell = torch.empty(bh, plan.Lq, **f32)
+        grid = (plan.NB - plan.n0, bh)
+        _attn_bwd_dq_kernel[grid](q, k, v, fq, fk, sigma, ell, km_arg, s, z, dy, rden, delta, m, am,
+                                  dq, dfq, dm, dsig, dell,
+                                  plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
+                                  HAS_MASK=has_mask, **plan.common())
+        ds, dz = s, z  # reuse the state buffers for their gradients
+        grid = (triton.cdiv(plan.D, plan.BD), triton.cdiv(plan.d, plan.BV), bh)
+        _state_bwd_kernel[grid](fq, dy, rden, delta, ell, ds, dz, plan.Lq, plan.Lk, plan.H, plan.NB, plan.P,
+                                plan.D, plan.d, C=plan.C, BD=plan.BD, BV=plan.BV, PREC=plan.prec)
+        dk = torch.empty(plan.B, plan.H, plan.Lk, plan.d, **f32)
+        dv = torch.empty_like(dk)
+        dfk = torch.empty(plan.B, plan.H, plan.Lk, plan.D, **f32)
+        _attn_bwd_dkdv_kernel[(plan.NB, bh)](q, k, v, fq, fk, sigma, ell, km_arg, ds, dz, dy, rden, delta, m, am,
+                                             dm, dk, dv, dfk,
+                                             plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
+                                             HAS_MASK=has_mask, **plan.common())
+        if plan.G > 1:  # sum the query heads of each KV group
+            dk = dk.view(plan.B, plan.Hkv, plan.G, plan.Lk, plan.d).sum(2)
+            dv = dv.view(plan.B, plan.Hkv, plan.G, plan.Lk, plan.d).sum(2)
+        dsigma = dsig.view(plan.B, plan.H, plan.Lq).sum((0, 2))
+        dell_h = dell.view(plan.B, plan.H, plan.Lq).sum((0, 2))
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dfq.to(fq.dtype), dfk.to(fk.dtype),
+                dsigma, dell_h, None, None, None, None, None)
+
+
+def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision):
+    if not (q.is_cuda or (interpreting() and q.device.type == "cpu")):
+        raise RuntimeError(
+            f"attention.backend='triton' needs CUDA tensors, got {q.device.type} tensors; use backend 'chunked' "
+            f"(or 'auto') on CPU, or set TRITON_INTERPRET=1 before importing lola_kernels to run the kernels in "
+            f"Triton's (slow) CPU interpreter")
+    for name, t in (("q", q), ("k", k), ("v", v), ("fq", fq), ("fk", fk)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4D [batch, heads, length, dim]; got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move all inputs to one device")
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[-1] != d or v.shape != k.shape:
+        raise ValueError(f"k and v must be [batch={b}, kv_heads, keys, head_dim={d}]; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if hkv < 1 or h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of the KV heads of k/v ({hkv})")
+    if lq > lk:
+        raise ValueError(f"q has {lq} positions but k only {lk}; the queries must be the last Lq of the keys")
+    if fq.shape[:3] != q.shape[:3] or fk.shape[:3] != (b, h, lk) or fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(f"fq must be [batch, heads, Lq, D] and fk [batch, heads (query heads), Lk, D]; got fq "
+                         f"{tuple(fq.shape)}, fk {tuple(fk.shape)} for q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if d > 256 or fq.shape[-1] > 512:
+        raise ValueError(f"head_dim={d} / feature width={fq.shape[-1]} too large for the triton kernels "
+                         f"(max 256 / 512); use backend 'chunked'")
+    for name, t in (("sigma", sigma), ("ell", ell)):
+        if tuple(t.shape) != (h,):
+            raise ValueError(f"{name} must have shape [heads]=({h},); got {tuple(t.shape)}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} must be a positive integer")
+    if layout not in ("sw", "tk"):
+        raise ValueError(f"window_layout={layout!r} is not valid; choose 'sw' or 'tk'")
+    if key_mask is not None and tuple(key_mask.shape) != (b, lk):
+        raise ValueError(f"key_mask must be [batch, keys]=({b}, {lk}); got {tuple(key_mask.shape)}")
+    if block not in (16, 32, 64, 128):
+        raise ValueError(f"block={block!r} must be one of 16, 32, 64, 128")
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision={precision!r} must be 'ieee' (exact fp32) or 'tf32'")
+
+
+def hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
+                            key_mask: torch.Tensor | None = None, chunk_size: int | None = None,
+                            block: int | None = None, precision: str = "ieee") -> torch.Tensor:
+    """Hybrid attention with Triton kernels; same arguments and result as ``hybrid_attention_reference``.
+
+    q [B,H,Lq,d], k, v [B,H_kv,Lk,d] (H_kv divides H; expanded heads H_kv = H work too), fq [B,H,Lq,D],
+    fk [B,H,Lk,D], sigma, ell [H], key_mask [B,Lk] bool or None. Returns y [B,H,Lq,d] in q's dtype,
+    differentiable in q, k, v, fq, fk, sigma and ell.
+
+    ``chunk_size`` (the PyTorch path's chunk) is accepted for the BACKENDS signature and ignored: the kernels
+    use ``block`` (default :func:`default_block`). ``precision='tf32'`` trades exact fp32 dots for speed.
+    """
+    block = default_block(q.shape[-1], fq.shape[-1]) if block is None else block
+    _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision)
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to launch; the reference handles empty shapes
+        return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
+                                          key_mask=key_mask)
+    km = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.int8).contiguous()
+    return HybridAttentionTriton.apply(q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(),
+                                       fk.contiguous(), sigma.float().contiguous(), ell.float().contiguous(), km,
+                                       window, layout, block, precision)
