@@ -20,6 +20,7 @@ from torch import nn
 from .attention_config import AttentionConfig
 from .feature_maps import FeatureMap
 from .hybrid_ops import hybrid_attention, hybrid_attention_reference
+from .lola_cache import lola_layer
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,7 @@ class HybridAttention(nn.Module):
         self.feature_map_k.load_state_dict(self.feature_map_q.state_dict())  # k map starts as a copy (T3)
         self.window_factors = nn.Parameter(torch.full((num_heads,), float(config.init_window_factor),
                                                       device=device))
+        self.model_config = getattr(attn, "config", None)  # read for config.lola_cache (LoLA switched on at load)
         self.transfer_mode = False
         self.transfer_xent = False
         self.transfer_losses: dict[str, torch.Tensor] = {}
@@ -136,6 +138,14 @@ class HybridAttention(nn.Module):
             cache = kwargs.pop("past_key_values", None)
         b, length, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, position_embeddings)
+        lola = None if cache is None else lola_layer(cache, self.layer_idx, self.model_config, self.training)
+        if lola is not None:  # LoLA sparse caching: window + global cache + linear state, constant memory
+            if self.transfer_mode:
+                raise ValueError("HybridAttention: stage-1 transfer mode cannot run with a LoLA cache; call the "
+                                 "model with use_cache=False (or without the LolaCache)")
+            key_mask = key_padding_mask(attention_mask, length, lola.get_seq_length() + length)
+            y = lola.attend(self, q, k, v, None if key_mask is None else key_mask[:, -length:])
+            return self.o_proj(y.transpose(1, 2).reshape(b, length, -1).to(hidden_states.dtype)), None
         if cache is not None:  # a plain transformers KV cache: exact, but grows with the context
             k, v = cache.update(k, v, self.layer_idx)
         key_mask = key_padding_mask(attention_mask, length, k.shape[2])
