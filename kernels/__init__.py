@@ -7,16 +7,21 @@ On CPU the kernels run only in Triton's interpreter: set ``TRITON_INTERPRET=1`` 
 """
 from __future__ import annotations
 
-from lola_train.modeling.hybrid_ops import BACKENDS
+if __name__ == "kernels":
+    # Reached only when the repository root is on sys.path (``python -m ...`` run from the checkout), where this
+    # folder shadows the PyPI package ``kernels`` that transformers probes (is_kernels_available imports it to
+    # read a version). Stay inert: no imports, no __version__, so transformers sees no usable ``kernels``.
+    __all__: list[str] = []
+else:
+    from lola_train.modeling.hybrid_ops import BACKENDS
 
-from .hybrid import HybridAttentionTriton, default_block, hybrid_attention_triton, interpreting
+    from .hybrid import HybridAttentionTriton, default_block, hybrid_attention_triton, interpreting
 
+    def triton_backend(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64):
+        """BACKENDS entry (registry signature); chunk_size belongs to the PyTorch path and is not used."""
+        return hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
+                                       key_mask=key_mask)
 
-def _triton_backend(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64):
-    """BACKENDS entry: the registry signature; chunk_size belongs to the PyTorch path and is not used."""
-    return hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask)
+    BACKENDS["triton"] = triton_backend
 
-
-BACKENDS["triton"] = _triton_backend
-
-__all__ = ["HybridAttentionTriton", "hybrid_attention_triton", "default_block", "interpreting"]
+    __all__ = ["HybridAttentionTriton", "hybrid_attention_triton", "triton_backend", "default_block", "interpreting"]

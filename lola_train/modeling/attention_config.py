@@ -76,7 +76,9 @@ class AttentionConfig:
         self.validate()
 
     def validate(self, prefix: str = "attention.") -> "AttentionConfig":
-        from .hybrid_ops import BACKENDS  # registry may grow when kernel packages are imported
+        from .hybrid_ops import BACKENDS, load_kernel_backends  # registry grows when kernel packages load
+        if self.backend == "triton":
+            load_kernel_backends()
 
         check_choice(prefix + "feature_map", self.feature_map, self.FEATURE_MAPS)
         check_choice(prefix + "feature_map_init", self.feature_map_init, self.INITS)

@@ -165,9 +165,29 @@ BACKENDS: dict[str, Callable] = {"reference": _reference, "chunked": hybrid_atte
 entries (e.g. 'triton'); 'auto' is resolved by :func:`hybrid_attention`."""
 
 
+def load_kernel_backends() -> None:
+    """Register the Triton backend from ``lola_kernels`` when that package (and triton) is importable.
+
+    Lazy and optional: this file is copied into exported checkpoints, which must load without either package.
+    The entry is added to THIS module's registry, so it also works for such a copy.
+    """
+    if "triton" in BACKENDS:
+        return
+    try:
+        import lola_kernels
+    except ImportError:
+        return
+    BACKENDS.setdefault("triton", lola_kernels.triton_backend)
+
+
 def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                      key_mask: torch.Tensor | None = None, chunk_size: int = 64, backend: str = "auto"):
     """Dispatch to a backend. 'auto' picks a registered GPU kernel for CUDA tensors when one is present."""
+    if (backend == "auto" and q.is_cuda) or backend == "triton":
+        load_kernel_backends()
+        if backend == "triton" and "triton" not in BACKENDS:
+            raise ValueError("attention.backend='triton' needs the lola_kernels package and triton "
+                             "(pip install 'lola-train[triton]'); or choose 'auto' or 'chunked'")
     if backend == "auto":
         fn = BACKENDS.get("triton") if q.is_cuda and "triton" in BACKENDS else _auto
     else:
