@@ -81,16 +81,109 @@ def print_summary(title: str, rows: dict) -> None:
             v = ", ".join(f"{a}={b}" for a, b in v.items())
         elif isinstance(v, float):
             v = f"{v:.6g}"
+        elif isinstance(v, list) and v and all(isinstance(x, float) for x in v):
+            v = "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
         print(f"  {k:<{width}}  {v}")
 
 
+def make_accelerator():
+    """An Accelerator for this launch: plain ``python`` gives 1 process, ``accelerate launch``/``torchrun`` DDP."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def stage_done(out: Path, stage: str) -> Path:
+    return out / stage / "done.json"
+
+
+def data_loader(recipe: Recipe, accelerator):
+    """data_fn(tokenizer, vocab_size) for the training stages: builds (main process) or loads the packed splits."""
+    from .data import get_tokenizer, prepare_data
+
+    def data_fn(model_tokenizer, vocab_size):
+        tok = get_tokenizer(recipe.data, model_tokenizer, vocab_size)
+        return prepare_data(recipe.data, tok, recipe.seed, Path(recipe.output_dir) / "data",
+                            is_main=accelerator.is_main_process, wait=accelerator.wait_for_everyone)
+    return data_fn
+
+
+def stage_export(recipe: Recipe) -> dict:
+    """Merge the LoRA of stage 2 into the converted model and write the HF folder and the adapter."""
+    from .export import export_adapter, export_model
+    from .train.checkpoint import load_named, trainable_state
+    from .train.student import (FINETUNE_FINAL, add_lora, finetune_named_parameters, load_transferred,
+                                named_transfer_parameters, stage_output)
+
+    out = Path(recipe.output_dir) / "export"
+    model, tok = load_transferred(recipe, needed_by="export")
+    lola_params = trainable_state(named_transfer_parameters(model))
+    peft_model = add_lora(model, recipe.finetune)
+    final = stage_output(recipe, FINETUNE_FINAL, "export")
+    load_named(finetune_named_parameters(peft_model), final["params"], "export: stage-2 parameters")
+    summary = {}
+    if recipe.export.adapter:
+        summary["adapter_dir"] = str(export_adapter(peft_model, lola_params, out / "adapter"))
+    merged = peft_model.merge_and_unload()
+    summary["model_dir"] = str(export_model(merged, tok, out / "model", dtype=recipe.export.dtype))
+    summary["model_type"] = f"lola_{merged.config.model_type}"
+    return summary
+
+
+TRAINING_STAGES = ("transfer", "finetune", "export")
+
+
 def run(recipe: Recipe) -> dict:
+    """Run the recipe's stages in order. A finished stage (``<stage>/done.json``) is skipped unless listed in
+    ``force`` or an earlier stage ran again in this invocation; an unfinished one resumes from its checkpoint."""
+    import shutil
+
+    from .train.finetune import run_finetune
+    from .train.metrics import MetricsLogger
+    from .train.transfer import run_transfer
+
+    accelerator = make_accelerator()
+    main = accelerator.is_main_process
     out = Path(recipe.output_dir)
-    write_json_atomic(out / "recipe.json", to_dict(recipe))
+    if main:
+        write_json_atomic(out / "recipe.json", to_dict(recipe))
     results = {}
     if "convert" in recipe.stages:
-        results["convert"] = stage_convert(recipe)
-        print_summary(f"convert: {results['convert']['model']}", results["convert"])
-        write_json_atomic(out / "convert_summary.json", results["convert"])
-    print(f"\nresults in {out}/")
+        if main:
+            results["convert"] = stage_convert(recipe)
+            print_summary(f"convert: {results['convert']['model']}", results["convert"])
+            write_json_atomic(out / "convert_summary.json", results["convert"])
+        accelerator.wait_for_everyone()
+    metrics = MetricsLogger(out, enabled=main)
+    data_fn = data_loader(recipe, accelerator)
+    upstream_ran = False
+    for stage in TRAINING_STAGES:
+        if stage not in recipe.stages:
+            continue
+        marker = stage_done(out, stage)
+        rerun = stage in recipe.force or upstream_ran
+        if marker.exists() and not rerun:
+            results[stage] = json.loads(marker.read_text())
+            if main:
+                print(f"\n== {stage}: already done ({marker}); skipped (force=[{stage}] reruns it) ==")
+            continue
+        if rerun and (out / stage).exists():  # start over: its checkpoint belongs to the old upstream
+            if main:
+                shutil.rmtree(out / stage)
+            accelerator.wait_for_everyone()
+        torch.manual_seed(recipe.seed)
+        if stage == "transfer":
+            results[stage] = run_transfer(recipe, accelerator, metrics, data_fn)
+        elif stage == "finetune":
+            results[stage] = run_finetune(recipe, accelerator, metrics, data_fn)
+        else:
+            results[stage] = stage_export(recipe) if main else {}
+        if main:
+            write_json_atomic(marker, results[stage])
+            print_summary(stage, results[stage])
+        accelerator.wait_for_everyone()
+        upstream_ran = True
+    metrics.close()
+    if main:
+        print(f"\nresults in {out}/")
     return results

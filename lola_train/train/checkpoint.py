@@ -1,0 +1,72 @@
+"""Atomic checkpoint files and RNG state capture.
+
+Every file is written to a temp file in the same folder and then ``os.replace``d onto its name, so a crash or
+kill leaves either the previous complete file or the new complete file, never a partial one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rng_state() -> dict:
+    """Python, numpy (if installed) and torch CPU/CUDA generator states of this process."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the trainable parameters, by name."""
+    return {n: p.detach().cpu().clone() for n, p in named_params}
+
+
+def load_named(named_params: list[tuple[str, torch.nn.Parameter]], state: dict[str, torch.Tensor],
+               what: str) -> None:
+    """Copy ``state`` into the given parameters; the names must match exactly."""
+    names = {n for n, _ in named_params}
+    missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+    if missing or unexpected:
+        raise ValueError(f"{what}: parameter names do not match the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); was it written by a run with another recipe?")
+    with torch.no_grad():
+        for n, p in named_params:
+            p.copy_(state[n].to(p.device, p.dtype))

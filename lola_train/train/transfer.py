@@ -1,0 +1,64 @@
+"""Stage 1, attention transfer (spec 2): every HybridAttention layer learns to match its own softmax teacher.
+
+The layers run in transfer mode: each computes its teacher on its own q, k, v, records the per-layer losses in
+``layer.transfer_losses`` and returns the teacher output, so every layer sees teacher inputs (trap T17). Only the
+feature maps and mixing factors train (float32). Loss (trap T16), with M converted layers:
+
+    L = mse_factor * (1/M) sum_l MSE(y_l, y_teacher_l)  +  xent_factor * (1/M) sum_l CE(a_l, a_teacher_l)
+
+where the MSE is over all elements of the per-head outputs [B, H, L, d] before o_proj.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..convert import hybrid_layers
+from ..recipe import Recipe
+from .checkpoint import atomic_torch_save, trainable_state
+from .loop import train_loop
+from .student import load_converted, named_transfer_parameters
+
+
+def transfer_loss_fn(layers, mse_factor: float, xent_factor: float):
+    """loss_fn for the loop: forward (only the last position's logits are computed), then read the layers."""
+    def loss_fn(model, batch):
+        model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
+        b = batch["input_ids"].shape[0]
+        mse = torch.stack([layer.transfer_losses["mse"] for layer in layers])
+        loss = mse_factor * mse.mean()
+        extras = {"mse_per_layer": mse.detach() * b}
+        if xent_factor > 0:
+            xent = torch.stack([layer.transfer_losses["xent"] for layer in layers])
+            loss = loss + xent_factor * xent.mean()
+            extras["xent_per_layer"] = xent.detach() * b
+        return loss, extras
+    return loss_fn
+
+
+def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
+    """Train stage 1 (resuming from its checkpoint) and write ``<output_dir>/transfer/final.pt``.
+
+    data_fn(tokenizer, vocab_size) -> {'train', 'val', 'test': PackedSplit}.
+    """
+    folder = Path(recipe.output_dir) / "transfer"
+    cfg = recipe.transfer
+    model, tok = load_converted(recipe, transfer=True)
+    data = data_fn(tok, model.config.vocab_size)
+    layers = hybrid_layers(model)
+    result = train_loop(stage="transfer", model=model, loss_fn=transfer_loss_fn(layers, cfg.mse_factor,
+                                                                                 cfg.xent_factor),
+                        train=data["train"], val=data["val"], cfg=cfg, folder=folder, accelerator=accelerator,
+                        metrics=metrics, seed=recipe.seed)
+    summary = {"steps": result.steps, "resumed_from": result.resumed_from, "best_step": result.best_step,
+               "best_val_loss": result.best_loss, "initial_val_loss": result.initial_eval.get("loss"),
+               "mse_per_layer_before": result.initial_eval.get("mse_per_layer"),
+               "mse_per_layer_last_eval": result.last_eval.get("mse_per_layer"),
+               "seconds_per_step": result.seconds_per_step,
+               "trainable_params": sum(p.numel() for _, p in named_transfer_parameters(model))}
+    if accelerator.is_main_process:
+        atomic_torch_save({"params": trainable_state(named_transfer_parameters(model)), **summary},
+                          folder / "final.pt")
+    accelerator.wait_for_everyone()
+    return summary
