@@ -1,0 +1,139 @@
+"""The tiny recipe end to end: stage-1 and stage-2 losses fall, the export reloads in a fresh process without
+lola_train (logits equal to the in-memory model), and kill-then-resume reaches the parameters of an uninterrupted
+run. Also: finished stages are skipped, and a later stage without its input fails with a clear message."""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from lola_train.pipeline import run
+from lola_train.recipe import load_recipe
+from lola_train.train.checkpoint import load_named
+from lola_train.train.metrics import read_metrics
+from lola_train.train.student import add_lora, finetune_named_parameters, load_transferred
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = ["transfer.max_steps=6", "finetune.max_steps=6", "transfer.eval_every=3", "finetune.eval_every=3",
+         "transfer.save_every=1", "finetune.save_every=1", "transfer.log_every=1", "finetune.log_every=1"]
+
+
+def tiny(out, *extra):
+    return load_recipe(["recipe=tiny", f"output_dir={out}", *SHORT, *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_full")
+    results = run(tiny(out))
+    return out, results
+
+
+def val_losses(out, stage):
+    return [r["loss"] for r in read_metrics(out) if r["stage"] == stage and r["split"] == "val"]
+
+
+def test_stage_losses_fall(full_run):
+    out, results = full_run
+    for stage in ("transfer", "finetune"):
+        losses = val_losses(out, stage)
+        assert len(losses) == 3  # initial, step 3, step 6
+        assert losses[-1] < losses[0], f"{stage} val loss did not fall: {losses}"
+        assert results[stage]["best_val_loss"] < results[stage]["initial_val_loss"]
+    t = results["transfer"]
+    assert all(a < b for a, b in zip(t["mse_per_layer_last_eval"], t["mse_per_layer_before"]))
+    train = [r["loss"] for r in read_metrics(out) if r["stage"] == "finetune" and r["split"] == "train"]
+    assert train[-1] < train[0]
+
+
+def merged_in_memory(recipe):
+    model, _ = load_transferred(recipe, needed_by="test")
+    peft_model = add_lora(model, recipe.finetune)
+    final = torch.load(Path(recipe.output_dir) / "finetune" / "final.pt", weights_only=False)
+    load_named(finetune_named_parameters(peft_model), final["params"], "test")
+    return peft_model.merge_and_unload().eval()
+
+
+def test_export_reloads_without_lola_train(full_run, tmp_path):
+    out, results = full_run
+    folder = Path(results["export"]["model_dir"])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "lola_llama" and "lola_attention" in config
+    assert (folder / "modeling_lola.py").exists() and (out / "export" / "adapter" / "adapter_config.json").exists()
+    ids = torch.randint(1, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = merged_in_memory(tiny(out))(ids).logits
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    code = f"""
+import sys, importlib.util
+sys.path.append({sysconfig.get_paths()['purelib']!r})
+assert importlib.util.find_spec('lola_train') is None, 'lola_train must not be importable here'
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+ids = torch.load({str(tmp_path / 'ids.pt')!r})['ids']
+with torch.no_grad():
+    logits = model(ids).logits
+gen = model.generate(ids[:1, :8], max_new_tokens=6, do_sample=False)
+torch.save({{'logits': logits, 'gen': gen, 'cls': type(model).__name__}}, {str(tmp_path / 'out.pt')!r})
+"""
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert got["cls"] == "LolaLlamaForCausalLM"
+    assert torch.allclose(got["logits"], expected, atol=1e-5, rtol=0), (got["logits"] - expected).abs().max()
+    assert got["gen"].shape == (1, 14)
+
+
+def test_finished_stages_are_skipped(full_run, capsys):
+    out, results = full_run
+    before = (out / "transfer" / "final.pt").stat().st_mtime_ns
+    again = run(tiny(out, "stages=[transfer,finetune]"))
+    assert "already done" in capsys.readouterr().out
+    assert (out / "transfer" / "final.pt").stat().st_mtime_ns == before
+    assert again["transfer"]["best_val_loss"] == results["transfer"]["best_val_loss"]
+
+
+def test_later_stage_without_its_input_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage 'transfer'"):
+        run(tiny(tmp_path, "stages=[finetune]"))
+
+
+def run_cli(out, *extra, exit_after=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("LOLA_TEST_EXIT_AFTER_STEP", None)
+    if exit_after:
+        env["LOLA_TEST_EXIT_AFTER_STEP"] = exit_after
+    args = ["recipe=tiny", f"output_dir={out}", "stages=[transfer,finetune]", *SHORT, *extra]
+    return subprocess.run([sys.executable, str(ROOT / "linearize.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_kill_then_resume_matches_uninterrupted_run(full_run, tmp_path):
+    reference, _ = full_run
+    out = tmp_path / "resumed"
+    crashed = run_cli(out, exit_after="transfer:4")
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    assert not (out / "transfer" / "done.json").exists()
+    crashed = run_cli(out, exit_after="finetune:2")
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    assert "resumed from step 4" in crashed.stdout
+    finished = run_cli(out)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resumed from step 2" in finished.stdout
+    for stage in ("transfer", "finetune"):
+        a = torch.load(reference / stage / "final.pt", weights_only=False)
+        b = torch.load(out / stage / "final.pt", weights_only=False)
+        assert a["best_step"] == b["best_step"]
+        for name in a["params"]:
+            assert torch.allclose(a["params"][name], b["params"][name], atol=1e-6, rtol=0), name
+        last_a = torch.load(reference / stage / "ckpt.pt", weights_only=False)
+        last_b = torch.load(out / stage / "ckpt.pt", weights_only=False)
+        for name in last_a["params"]:  # the last (not only the best) parameters agree too
+            assert torch.allclose(last_a["params"][name], last_b["params"][name], atol=1e-6, rtol=0), name
