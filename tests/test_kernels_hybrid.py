@@ -1,0 +1,190 @@
+"""Triton hybrid-attention kernels (lola_kernels) against hybrid_attention_reference: outputs and all gradients.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before lola_kernels is
+imported), so shapes stay small. With CUDA the same tests run the compiled kernels.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit decorates, i.e. when lola_kernels is imported
+
+pytest.importorskip("triton")  # a guard only: scripts/setup.sh installs the triton extra, so CI runs these
+
+import lola_kernels  # noqa: E402
+import lola_kernels.hybrid as kh  # noqa: E402
+from lola_train.modeling import AttentionConfig, FeatureMap  # noqa: E402
+from lola_train.modeling.hybrid_ops import BACKENDS, hybrid_attention, hybrid_attention_reference  # noqa: E402
+
+if DEVICE == "cpu" and not type(kh._attn_fwd_kernel).__name__.startswith("Interpreted"):
+    kh = importlib.reload(kh)  # lola_kernels was imported earlier without the interpreter: decorate again
+
+NAMES = ("y", "dq", "dk", "dv", "dfq", "dfk", "dsigma", "dell")
+
+
+def make_inputs(b, h, hkv, lq, lk, d, feat, *, scale=1.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g) * scale
+    k = torch.randn(b, hkv, lk, d, generator=g) * scale
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    fq = torch.softmax(torch.randn(b, h, lq, feat, generator=g), -1)   # Hedgehog-like positive features
+    fk = torch.softmax(torch.randn(b, h, lk, feat, generator=g), -1)
+    sigma = torch.rand(h, generator=g) * 0.8 + 0.1
+    ell = torch.rand(h, generator=g) + 0.5
+    out = [t.to(DEVICE, dtype) for t in (q, k, v, fq, fk)] + [t.to(DEVICE) for t in (sigma, ell)]
+    return [t.requires_grad_() for t in out]
+
+
+def run(fn, inputs, dy, **kw):
+    y = fn(*inputs, **kw)
+    grads = torch.autograd.grad(y, inputs, dy)
+    return [y] + list(grads)
+
+
+def reference(q, k, v, fq, fk, sigma, ell, **kw):
+    groups = q.shape[1] // k.shape[1]
+    return hybrid_attention_reference(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), fq, fk,
+                                      sigma, ell, **kw)
+
+
+def assert_close(got, want, tol, what):
+    err = (got.float() - want.float()).abs().max().item()
+    bound = tol * max(1.0, want.float().abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+CASES = [
+    # (b, h, hkv, lq, lk, d, D, window, layout, block, key_mask)
+    pytest.param(1, 2, 2, 1, 1, 64, 32, 8, "sw", 16, False, id="L1-sw-d64"),
+    pytest.param(1, 2, 2, 37, 37, 64, 32, 8, "sw", 16, False, id="L37-sw-d64"),
+    pytest.param(1, 2, 2, 37, 37, 128, 32, 8, "tk", 16, False, id="L37-tk-d128"),
+    pytest.param(2, 2, 2, 100, 100, 64, 32, 16, "tk", 16, True, id="L100-tk-d64-mask"),
+    pytest.param(1, 1, 1, 100, 100, 128, 16, 5, "sw", 32, False, id="L100-sw-d128-W5"),
+    pytest.param(1, 4, 2, 45, 45, 64, 32, 7, "sw", 16, True, id="gqa-sw-mask"),
+    pytest.param(2, 2, 1, 20, 70, 64, 32, 6, "tk", 16, True, id="offset-tk-gqa-mask"),
+    pytest.param(1, 2, 2, 1, 50, 64, 16, 8, "sw", 16, False, id="decode-sw"),
+    pytest.param(1, 2, 2, 33, 33, 64, 32, 64, "tk", 16, False, id="window-longer-than-L"),
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,lq,lk,d,feat,window,layout,block,masked", CASES)
+def test_matches_reference(b, h, hkv, lq, lk, d, feat, window, layout, block, masked):
+    inputs = make_inputs(b, h, hkv, lq, lk, d, feat, scale=1.5, seed=lq + lk + d)
+    key_mask = None
+    if masked:  # left padding on the first row, scattered holes on the others
+        key_mask = torch.rand(b, lk, generator=torch.Generator().manual_seed(1)) > 0.25
+        key_mask[0, : lk // 3] = False
+        key_mask = key_mask.to(DEVICE)
+    dy = torch.randn(b, h, lq, d, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    kw = dict(window=window, layout=layout, key_mask=key_mask)
+    got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=block, **kw)
+    want = run(reference, inputs, dy, **kw)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert_close(g, w, 1e-4, name)
+
+
+def test_max_shift_is_the_model():
+    """Large logits make e^{-m} tiny: the linear block dominates. A kernel that shifted the linear terms too
+    (or normalised the softmax block on its own) would give a different y; the kernel must match the reference."""
+    inputs = make_inputs(1, 2, 2, 60, 60, 64, 32, scale=4.0, seed=3)
+    dy = torch.randn(1, 2, 60, 64).to(DEVICE)
+    kw = dict(window=8, layout="sw")
+    got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=16, **kw)
+    want = run(reference, inputs, dy, **kw)
+    for name, g, w in zip(NAMES, got, want):
+        assert_close(g, w, 1e-4, name)
+    # the same inputs with the linear terms shifted by m as well (the T1 mistake) give a clearly different output
+    q, k, v, fq, fk, sigma, ell = (t.detach() for t in inputs)
+    s = (q @ k.transpose(-1, -2)) / 8.0
+    pos = torch.arange(60, device=DEVICE)
+    win = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 8)
+    lin = pos[None, :] <= pos[:, None] - 8
+    m = s.masked_fill(~win, float("-inf")).amax(-1, keepdim=True)
+    a = sigma.view(-1, 1, 1) * torch.exp(s - m) * win + ell.view(-1, 1, 1) * (fq @ fk.transpose(-1, -2)) * lin \
+        * torch.exp(-m)
+    wrong = (a @ v) / a.sum(-1, keepdim=True)
+    assert (wrong - got[0]).abs().max() > 1e-2
+
+
+def test_bf16_inputs():
+    inputs = make_inputs(1, 2, 2, 37, 37, 64, 32, dtype=torch.bfloat16, seed=4)
+    dy = torch.randn(1, 2, 37, 64).to(DEVICE, torch.bfloat16)
+    kw = dict(window=8, layout="tk")
+    got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=16, **kw)
+    want = run(reference, inputs, dy, **kw)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == w.dtype, name
+        assert_close(g, w, 2e-2, name)
+
+
+def test_registered_and_dispatched():
+    assert BACKENDS["triton"] is lola_kernels.triton_backend
+    assert AttentionConfig(backend="triton").backend == "triton"
+    inputs = make_inputs(1, 2, 2, 21, 21, 64, 16, seed=5)
+    kw = dict(window=4, layout="sw")
+    y = hybrid_attention(*inputs, backend="triton", **kw)
+    assert_close(y, hybrid_attention_reference(*inputs, **kw), 1e-4, "y")
+
+
+def test_auto_on_cpu_keeps_pytorch_path(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("auto must not pick the triton backend for CPU tensors")
+
+    monkeypatch.setitem(BACKENDS, "triton", boom)
+    inputs = [t.detach().cpu() for t in make_inputs(1, 2, 2, 70, 70, 64, 16, seed=6)]
+    kw = dict(window=8, layout="sw")
+    assert_close(hybrid_attention(*inputs, backend="auto", **kw), hybrid_attention_reference(*inputs, **kw), 1e-5,
+                 "y")
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(kh, "interpreting", lambda: False)
+    inputs = [t.detach().cpu() for t in make_inputs(1, 1, 1, 4, 4, 64, 16)]
+    with pytest.raises(RuntimeError, match="CUDA tensors.*'chunked'"):
+        kh.hybrid_attention_triton(*inputs, window=4)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(window=0), "window=0"),
+    (dict(layout="xx"), "window_layout='xx'"),
+    (dict(block=48), "block=48"),
+    (dict(precision="fp16"), "precision='fp16'"),
+    (dict(key_mask=torch.ones(1, 3, dtype=torch.bool)), "key_mask must be"),
+    (dict(sigma=torch.ones(3)), "sigma must have shape"),
+    (dict(k=torch.zeros(1, 3, 9, 64), v=torch.zeros(1, 3, 9, 64)), "multiple of the KV heads"),
+    (dict(q=torch.zeros(1, 2, 12, 64)), "queries must be the last"),
+])
+def test_bad_input_errors(change, match):
+    q, k, v, fq, fk, sigma, ell = (t.detach() for t in make_inputs(1, 2, 2, 9, 9, 64, 16))
+    args = dict(q=q, k=k, v=v, fq=fq, fk=fk, sigma=sigma, ell=ell)
+    kw = dict(window=4, layout="sw", key_mask=None, block=16, precision="ieee")
+    for key, value in change.items():
+        value = value.to(DEVICE) if torch.is_tensor(value) else value
+        (args if key in args else kw)[key] = value
+    with pytest.raises(ValueError, match=match):
+        kh.hybrid_attention_triton(**args, **kw)
+
+
+def test_feature_map_gradients_through_kernel():
+    """End to end with the Hedgehog feature map: gradients reach the map weights exactly as with 'chunked'."""
+    torch.manual_seed(7)
+    cfg = AttentionConfig(feature_dim=16, window_size=8, window_layout="tk")
+    fmap_q, fmap_k = FeatureMap(2, 64, cfg).to(DEVICE), FeatureMap(2, 64, cfg).to(DEVICE)
+    for fmap in (fmap_q, fmap_k):
+        torch.nn.init.normal_(fmap.weight, std=0.3)
+    q, k, v = (torch.randn(1, 2, 40, 64, device=DEVICE) for _ in range(3))
+    sigma, ell = torch.full((2,), 0.1, device=DEVICE), torch.ones(2, device=DEVICE)
+    grads = {}
+    for backend in ("triton", "chunked"):
+        y = hybrid_attention(q, k, v, fmap_q(q), fmap_k(k), sigma, ell, window=8, layout="tk", chunk_size=16,
+                             backend=backend)
+        grads[backend] = torch.autograd.grad((y * v).sum(), (fmap_q.weight, fmap_k.weight))
+    for g, w in zip(grads["triton"], grads["chunked"]):
+        assert_close(g, w, 1e-4, "feature map weight grad")
