@@ -111,6 +111,7 @@ class HybridAttention(nn.Module):
         self.transfer_mode = False
         self.transfer_xent = False
         self.transfer_losses: dict[str, torch.Tensor] = {}
+        self.train(attn.training)  # follow the replaced module's train/eval mode (LoLA switches on in eval only)
 
     def mixing_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma [H], ell [H]): weights of the softmax and linear terms."""
