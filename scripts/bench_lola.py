@@ -1,0 +1,172 @@
+"""Benchmark the LoLA cache on the converted SmolLM2-135M (CPU) against the same model's softmax attention with
+transformers' DynamicCache. Prints markdown tables and writes JSON.
+
+    python scripts/bench_lola.py --out bench_lola.json [--contexts 1024 4096 16384] [--prefill 512 1024 2048]
+
+Every point runs in a fresh subprocess (honest RSS). Three parts:
+
+* decode: per-token decode time and peak RSS with a cache holding ``context`` tokens. To keep the run short on a
+  CPU, the state is *synthetic*: a real 64-token prefill, then the softmax KV cache is extended with random keys
+  and values to ``context`` tokens, and the LoLA cache's position counters are advanced to ``context`` (its
+  tensors have fixed sizes, so the decode cost is the one of a real state). Points whose estimated cache exceeds
+  ``--max-gib`` are skipped with the estimate printed.
+* prefill: wall time of a real prompt of each length (LoLA: lola_train.lola.prefill, 512-token model chunks;
+  softmax: one forward with a DynamicCache).
+* bytes per sequence (formula, checked against the allocation by tests/test_lola_model.py) for SmolLM2,
+  Llama-3.2-1B and Llama-3.1-8B shapes, bf16 k/v, fp32 H and s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+LOLA = dict(window=64, global_size=256)
+DECODE_TOKENS = 8
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))  # the CPU is shared: 1 thread avoids spin contention
+
+
+def rss_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load(kind: str):
+    import torch
+
+    from lola_train.convert import convert
+    from lola_train.models import load_model
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model, _ = load_model("embedded:smollm2")
+    if kind == "lola":
+        convert(model, dict(window_size=64, window_layout="sw", chunk_size=64))
+    return model.eval()
+
+
+def point_decode(kind: str, context: int) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    from lola_train.modeling.lola_cache import LolaCache
+
+    model = load(kind)
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if kind == "lola":
+            cache = LolaCache(model.config, **LOLA)
+            model(ids, cache=cache)
+            shift = context - 64
+            for layer in cache.layers:
+                layer.seen += shift
+                layer.first_live += shift
+                layer.cache_pos += torch.where(layer.cache_pos >= 0, shift, 0).to(layer.cache_pos.dtype)
+            cache_bytes = cache.nbytes()
+        else:
+            cache = DynamicCache(config=model.config)
+            model(ids, cache=cache)
+            g = torch.Generator().manual_seed(1)
+            for layer in cache.layers:
+                b, h, n, d = layer.keys.shape
+                layer.keys = torch.cat([torch.randn(b, h, context - n, d, generator=g), layer.keys], 2)
+                layer.values = torch.cat([torch.randn(b, h, context - n, d, generator=g), layer.values], 2)
+            cache_bytes = sum(l.keys.numel() * 4 * 2 for l in cache.layers)
+        assert cache.get_seq_length() == context
+        tok = ids[:, -1:]
+        times = []
+        for _ in range(DECODE_TOKENS):
+            t = time.perf_counter()
+            logits = model(tok, cache=cache).logits
+            times.append(time.perf_counter() - t)
+            tok = logits[:, -1:].argmax(-1)
+    times = sorted(times[1:])  # first call warms up
+    return dict(part="decode", kind=kind, context=context, ms_per_token=1000 * times[len(times) // 2],
+                cache_mib=cache_bytes / 2 ** 20, peak_rss_mib=rss_peak_mib())
+
+
+def point_prefill(kind: str, length: int) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    from lola_train.lola import prefill
+    from lola_train.modeling.lola_cache import LolaCache
+
+    model = load(kind)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    rss_loaded = rss_peak_mib()
+    with torch.no_grad():
+        t = time.perf_counter()
+        if kind == "lola":
+            prefill(model, ids, LolaCache(model.config, **LOLA), chunk_tokens=512)
+        else:
+            model(ids, cache=DynamicCache(config=model.config), logits_to_keep=1)
+        seconds = time.perf_counter() - t
+    return dict(part="prefill", kind=kind, length=length, seconds=seconds, tokens_per_s=length / seconds,
+                rss_after_load_mib=rss_loaded, peak_rss_mib=rss_peak_mib())
+
+
+def run_point(args: list[str]) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, __file__, "--point", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"point {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_lola.json")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 4096, 16384])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[512, 1024, 2048])
+    ap.add_argument("--max-gib", type=float, default=10.0)
+    ap.add_argument("--point", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.point:
+        part, kind, n = args.point
+        fn = point_decode if part == "decode" else point_prefill
+        print(json.dumps(fn(kind, int(n))))
+        return
+
+    from lola_train.lola import bytes_table, format_bytes_table
+
+    results = []
+    print("## decode (SmolLM2-135M, fp32, batch 1, median of", DECODE_TOKENS - 1, "tokens)")
+    print("| context | kind | ms/token | cache MiB | peak RSS MiB |\n|---|---|---|---|---|")
+    for ctx in args.contexts:
+        for kind in ("softmax", "lola"):
+            kv_gib = 30 * 2 * 3 * ctx * 64 * 4 / 2 ** 30
+            if kind == "softmax" and kv_gib + 1.5 > args.max_gib:
+                print(f"| {ctx} | {kind} | skipped: estimated {kv_gib:.1f} GiB KV cache | | |")
+                continue
+            r = run_point(["decode", kind, str(ctx)])
+            results.append(r)
+            print(f"| {ctx} | {kind} | {r['ms_per_token']:.1f} | {r['cache_mib']:.1f} | {r['peak_rss_mib']:.0f} |",
+                  flush=True)
+    print("\n## prefill (real prompt, batch 1)")
+    print("| length | kind | seconds | tokens/s | peak RSS MiB |\n|---|---|---|---|---|")
+    for n in args.prefill:
+        for kind in ("softmax", "lola"):
+            r = run_point(["prefill", kind, str(n)])
+            results.append(r)
+            print(f"| {n} | {kind} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} |",
+                  flush=True)
+    from lola_train.modeling.lola_cache import LolaCacheConfig
+
+    rows = bytes_table(settings=[LolaCacheConfig(global_size=0), LolaCacheConfig(global_size=256),
+                                 LolaCacheConfig(global_size=256, gqa_selection="kv_mean"),
+                                 LolaCacheConfig(window=256, global_size=256, window_mode="chunk")],
+                       contexts=(1024, 4096, 16384, 32768))
+    print("\n## bytes per sequence (bf16 k/v, fp32 H and s, feature width 128)")
+    print(format_bytes_table(rows))
+    results += [dict(part="bytes", **r) for r in rows]
+    with open(args.out, "w") as f:
+        json.dump(dict(lola=LOLA, results=results), f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
