@@ -74,7 +74,7 @@ def _state_fwd_kernel(FK, V, KM, S, Z, Lk, H, G, NB, D, d,
     """S[bh, n] = sum_{real keys j < nC} fk_j^T v_j (tile [BD, BV]);  Z[bh, n] = sum fk_j (tile BD)."""
     pid_d = tl.program_id(0)
     pid_v = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(2).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
     b = bh // H
     h = bh % H
     hk = h // G
@@ -109,7 +109,7 @@ def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, Y, DEN, M, AM,
                      LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, C: tl.constexpr,
                      DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
     n = tl.program_id(0) + n0
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
     b = bh // H
     h = bh % H
     hk = h // G
@@ -182,7 +182,7 @@ def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, DO, RDEN, DELTA, M,
                         DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
     """Per query block: dq, dfq, DM = sum_win A dA (gradient of -m), per-row dsigma and dell."""
     n = tl.program_id(0) + n0
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
     b = bh // H
     h = bh % H
     hk = h // G
@@ -259,7 +259,7 @@ def _state_bwd_kernel(FQ, DO, RDEN, DELTA, ELL, DS, DZ, Lq, Lk, H, NB, P, D, d,
     every state that contains it); DZ[bh, b] = the same with delta in place of g. A reverse scan."""
     pid_d = tl.program_id(0)
     pid_v = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(2).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
     h = bh % H
     ell = tl.load(ELL + h)
     off = Lk - Lq
@@ -296,7 +296,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA
                           DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
     """Per key block and query head: dk, dv, dfk from query blocks kb..kb+P plus the state gradients."""
     kb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
     b = bh // H
     h = bh % H
     hk = h // G
@@ -421,7 +421,9 @@ class HybridAttentionTriton(torch.autograd.Function):
         km_arg = km if has_mask else q  # placeholder pointer, never read
         s, z = _states(fk, v, km_arg, plan, has_mask)
         bh = plan.B * plan.H
-        y = torch.empty_like(q)
+        # y in fp32 even for bf16/fp16 inputs: the backward's delta = -(dy . y) / den needs the unrounded y
+        # (with a rounded y the sigma/ell gradients, sums of cancelling terms, lose about 2 digits)
+        y = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         den = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.float32)
         m = torch.empty_like(den)
         am = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.int32)
@@ -432,7 +434,7 @@ class HybridAttentionTriton(torch.autograd.Function):
         del s, z  # recomputed in backward: one cheap scan instead of keeping NB*D*d floats per head
         ctx.save_for_backward(q, k, v, fq, fk, sigma, ell, km, y, den, m, am)
         ctx.plan = plan
-        return y
+        return y.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -445,7 +447,7 @@ class HybridAttentionTriton(torch.autograd.Function):
         pos = den > 0
         den_safe = torch.where(pos, den, torch.ones_like(den))
         rden = 1.0 / den_safe
-        dot = (dy.float() * y.float()).sum(-1).reshape(bh, plan.Lq)
+        dot = (dy.float() * y).sum(-1).reshape(bh, plan.Lq)
         delta = torch.where(pos, -dot / den_safe, torch.zeros_like(den))
 
         s, z = _states(fk, v, km_arg, plan, has_mask)

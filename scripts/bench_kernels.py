@@ -328,8 +328,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # process-wide malloc setting, so only when run as a script (not when a test imports main)
-    if "--device" not in sys.argv or "cpu" in sys.argv:
-        if not exact_cpu_rss():
-            print("note: could not fix the malloc mmap threshold; CPU peak memory may read low")
+    # a process-wide malloc setting, so only when run as a script (not when a test imports main)
+    if not exact_cpu_rss():
+        print("note: could not fix the malloc mmap threshold; CPU peak memory may read low")
     sys.exit(main())

@@ -94,7 +94,7 @@ def test_max_shift_is_the_model():
     """Large logits make e^{-m} tiny: the linear block dominates. A kernel that shifted the linear terms too
     (or normalised the softmax block on its own) would give a different y; the kernel must match the reference."""
     inputs = make_inputs(1, 2, 2, 60, 60, 64, 32, scale=4.0, seed=3)
-    dy = torch.randn(1, 2, 60, 64).to(DEVICE)
+    dy = torch.randn(1, 2, 60, 64, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     kw = dict(window=8, layout="sw")
     got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=16, **kw)
     want = run(reference, inputs, dy, **kw)
@@ -115,13 +115,13 @@ def test_max_shift_is_the_model():
 
 def test_bf16_inputs():
     inputs = make_inputs(1, 2, 2, 37, 37, 64, 32, dtype=torch.bfloat16, seed=4)
-    dy = torch.randn(1, 2, 37, 64).to(DEVICE, torch.bfloat16)
+    dy = torch.randn(1, 2, 37, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.bfloat16)
     kw = dict(window=8, layout="tk")
     got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=16, **kw)
     want = run(reference, inputs, dy, **kw)
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == w.dtype, name
-        assert_close(g, w, 2e-2, name)
+        assert_close(g, w, 1e-2, name)
 
 
 def test_registered_and_dispatched():
