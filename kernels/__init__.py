@@ -15,13 +15,15 @@ if __name__ == "kernels":
 else:
     from lola_train.modeling.hybrid_ops import BACKENDS
 
-    from .hybrid import HybridAttentionTriton, default_block, hybrid_attention_triton, interpreting
+    from .hybrid import HybridAttentionTriton, default_block, hybrid_attention_triton, interpreting, supports
 
     def triton_backend(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64):
         """BACKENDS entry (registry signature); chunk_size belongs to the PyTorch path and is not used."""
         return hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
                                        key_mask=key_mask)
 
+    triton_backend.supports = supports  # consulted by backend 'auto' before it picks the kernels
     BACKENDS["triton"] = triton_backend
 
-    __all__ = ["HybridAttentionTriton", "hybrid_attention_triton", "triton_backend", "default_block", "interpreting"]
+    __all__ = ["HybridAttentionTriton", "hybrid_attention_triton", "triton_backend", "default_block", "interpreting",
+               "supports"]

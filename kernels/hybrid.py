@@ -482,6 +482,15 @@ class HybridAttentionTriton(torch.autograd.Function):
                 dsigma, dell_h, None, None, None, None, None)
 
 
+MAX_HEAD_DIM = 128       # d: Llama-family heads are 64 or 128
+MAX_FEATURE_WIDTH = 256  # D: Hedgehog fullspace with feature_dim up to 128
+
+
+def supports(q: torch.Tensor, fq: torch.Tensor) -> bool:
+    """Whether the kernels take these head and feature widths ('auto' falls back to the PyTorch path if not)."""
+    return q.shape[-1] <= MAX_HEAD_DIM and fq.shape[-1] <= MAX_FEATURE_WIDTH
+
+
 def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision):
     if not (q.is_cuda or (interpreting() and q.device.type == "cpu")):
         raise RuntimeError(
@@ -505,9 +514,10 @@ def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precisi
     if fq.shape[:3] != q.shape[:3] or fk.shape[:3] != (b, h, lk) or fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"fq must be [batch, heads, Lq, D] and fk [batch, heads (query heads), Lk, D]; got fq "
                          f"{tuple(fq.shape)}, fk {tuple(fk.shape)} for q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if d > 256 or fq.shape[-1] > 512:
+    if not supports(q, fq):
         raise ValueError(f"head_dim={d} / feature width={fq.shape[-1]} too large for the triton kernels "
-                         f"(max 256 / 512); use backend 'chunked'")
+                         f"(max {MAX_HEAD_DIM} / {MAX_FEATURE_WIDTH}: one block's state tile must fit on chip); "
+                         f"use backend 'chunked'")
     for name, t in (("sigma", sigma), ("ell", ell)):
         if tuple(t.shape) != (h,):
             raise ValueError(f"{name} must have shape [heads]=({h},); got {tuple(t.shape)}")

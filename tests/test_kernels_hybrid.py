@@ -160,6 +160,7 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     (dict(sigma=torch.ones(3)), "sigma must have shape"),
     (dict(k=torch.zeros(1, 3, 9, 64), v=torch.zeros(1, 3, 9, 64)), "multiple of the KV heads"),
     (dict(q=torch.zeros(1, 2, 12, 64)), "queries must be the last"),
+    (dict(q=torch.zeros(1, 2, 9, 256), k=torch.zeros(1, 2, 9, 256), v=torch.zeros(1, 2, 9, 256)), "too large"),
 ])
 def test_bad_input_errors(change, match):
     q, k, v, fq, fk, sigma, ell = (t.detach() for t in make_inputs(1, 2, 2, 9, 9, 64, 16))

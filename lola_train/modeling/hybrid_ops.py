@@ -189,7 +189,9 @@ def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = 
             raise ValueError("attention.backend='triton' needs the lola_kernels package and triton "
                              "(pip install 'lola-train[triton]'); or choose 'auto' or 'chunked'")
     if backend == "auto":
-        fn = BACKENDS.get("triton") if q.is_cuda and "triton" in BACKENDS else _auto
+        fn = BACKENDS.get("triton") if q.is_cuda else None
+        if fn is None or not getattr(fn, "supports", lambda *_: True)(q, fq):  # kernels decline some widths
+            fn = _auto
     else:
         try:
             fn = BACKENDS[backend]
