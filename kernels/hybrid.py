@@ -31,7 +31,6 @@ convention). Ties for the max send its gradient to the first arg-max key (torch.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -360,8 +359,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA
 # host side
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 set before this module loaded)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when these kernels run in Triton's CPU interpreter, i.e. TRITON_INTERPRET=1 was set before this
+    module was imported (the decorator decides at import time, so the kernel objects are what counts)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_attn_fwd_kernel, InterpretedFunction)
 
 
 def _pow2(x: int) -> int:
