@@ -11,13 +11,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launcher() -> list[str]:
     """torchrun (a real 2-process gloo world; environment.md section 5), falling back to accelerate launch."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun:
-        return [torchrun, "--nproc_per_node", "2", "--master_port", "29517"]
+        return [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
 
 
 def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
