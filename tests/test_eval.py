@@ -2,6 +2,7 @@
 cache bytes, and the lm-eval route on a local task. Tiny random models with the SmolLM2 tokenizer."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -189,3 +190,47 @@ def test_lm_eval_lola_model_rejects_bad_args(tiny_dir):
         evaluate("lola", ["piqa_local"], limit=1, model_args=f"pretrained={tiny_dir},cache=lola")
     with pytest.raises(ValueError, match="add cache=lola"):
         evaluate("lola", ["piqa_local"], limit=1, model_args=f"pretrained={tiny_dir},convert=true,window=16")
+
+
+def test_perplexity_streamed_equals_one_forward(tiny_dir, tokenizer):
+    """Chunked, cached scoring gives the loss of one full forward (teacher), and LoLA runs with constant bytes."""
+    import math
+
+    from lola_eval.perplexity import held_out_text, perplexity, token_windows
+
+    windows = token_windows(tokenizer, held_out_text("essays"), 96, 2)
+    model, _ = load_source(str(tiny_dir))
+    with torch.no_grad():
+        ref = sum(model(w[None], labels=w[None], use_cache=False).loss.item() for w in windows) / 2
+    got = perplexity(model, windows, chunk=40)
+    assert got["tokens"] == 2 * 95
+    assert got["nll"] == pytest.approx(ref, rel=1e-4)
+    assert got["ppl"] == pytest.approx(math.exp(ref), rel=1e-4)
+    lin, _ = load_source(f"convert:{tiny_dir}", attention=ATTN)
+    set_cache(lin, CacheSpec.parse("lola:16:8"))
+    r = perplexity(lin, windows, chunk=40)
+    assert math.isfinite(r["ppl"]) and r["cache_bytes_per_seq"] == estimate_cache_bytes(lin, CacheSpec("lola", 16, 8), 0)
+    with pytest.raises(ValueError, match="lower --seq-len"):
+        token_windows(tokenizer, "short text", 96, 2)
+
+
+def test_suite_tables_from_parts(tiny_dir, tmp_path):
+    """The one-command suite on a tiny model (passkey + perplexity parts): per-part JSON, resume, merged table."""
+    from lola_eval import suite
+
+    argv = ["--teacher", str(tiny_dir), "--linearized", f"convert:{tiny_dir}", "--caches", "lola:64:0,lola:64:8",
+            "--parts", "passkey,perplexity", "--passkey-lengths", "160", "--passkey-depths", "0.5", "--passkey-n",
+            "2", "--ppl-seq-len", "128", "--ppl-n", "1", "--out", str(tmp_path)]
+    assert suite.main(argv) == 0
+    assert (tmp_path / "passkey" / "teacher_160" / "passkey.json").exists()
+    assert (tmp_path / "passkey" / "linearized_lola-64-8_160" / "passkey.json").exists()
+    table = (tmp_path / "results.md").read_text()
+    assert "| teacher | full | " in table and "| linearized | lola:64:8 | " in table
+    assert (tmp_path / "passkey.png").stat().st_size > 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["model"], r["cache"]) for r in data["perplexity"]} == {
+        ("teacher", "full"), ("linearized", "lola:64:0"), ("linearized", "lola:64:8")}
+    assert all(r["n"] == 2 for r in data["passkey"])
+    stamp = (tmp_path / "passkey" / "teacher_160" / "passkey.json").stat().st_mtime_ns
+    suite.main(argv)  # resumes: nothing is rerun
+    assert (tmp_path / "passkey" / "teacher_160" / "passkey.json").stat().st_mtime_ns == stamp
