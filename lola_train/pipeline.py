@@ -184,6 +184,11 @@ def run(recipe: Recipe) -> dict:
         accelerator.wait_for_everyone()
         upstream_ran = True
     metrics.close()
+    if "eval" in recipe.stages and main:  # the evaluation suite (lola_eval) on the exported checkpoint
+        from lola_eval.pipeline_stage import stage_eval
+
+        results["eval"] = stage_eval(recipe)
+        write_json_atomic(stage_done(out, "eval"), results["eval"])
     if main:
         print(f"\nresults in {out}/")
     return results

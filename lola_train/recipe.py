@@ -113,6 +113,20 @@ class ExportSection:
 
 
 @dataclass
+class EvalSection:
+    """Stage 'eval': ``python -m lola_eval.suite`` on the exported checkpoint (<output_dir>/export/model) against
+    the teacher (model.name_or_path); results in <output_dir>/eval. caches: 'full' or 'lola:W:G'."""
+
+    parts: List[str] = field(default_factory=lambda: ["passkey", "lm_eval", "perplexity"])
+    caches: List[str] = field(default_factory=lambda: ["lola:64:0", "lola:64:64", "lola:64:256"])
+    passkey_lengths: List[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    passkey_n: int = 20
+    tasks: List[str] = field(default_factory=lambda: ["piqa_local", "arc_easy_local"])
+    limit: int = 500
+    quick: bool = False
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     seed: int = 0
@@ -125,9 +139,11 @@ class Recipe:
     transfer: TransferSection = field(default_factory=TransferSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
-STAGES = ("convert", "transfer", "finetune", "export")
+STAGES = ("convert", "transfer", "finetune", "export", "eval")
+EVAL_PARTS = ("passkey", "lm_eval", "perplexity")
 SOURCE_KINDS = ("instruction", "text", "sharegpt", "wikipedia", "essays", "synthetic")
 FILE_KINDS = ("instruction", "text")
 TOKENIZERS = ("model", "bytes")
@@ -183,6 +199,21 @@ def validate_data(d: DataSection) -> None:
         raise ConfigError(f"data.test_records={d.test_records!r} is not valid; it must be an integer >= 0")
 
 
+def validate_eval(e: EvalSection) -> None:
+    import re
+
+    for part in e.parts:
+        check_choice("eval.parts[]", part, EVAL_PARTS)
+    for cache in e.caches:
+        if cache != "full" and not re.fullmatch(r"lola:[1-9]\d*:\d+", cache):
+            raise ConfigError(f"eval.caches[]={cache!r} is not valid; use 'full' or 'lola:W:G' (window W >= 1, "
+                              "global cache G >= 0), e.g. lola:64:256")
+    for length in e.passkey_lengths:
+        _check_positive("eval.passkey_lengths[]", length)
+    _check_positive("eval.passkey_n", e.passkey_n)
+    _check_positive("eval.limit", e.limit)
+
+
 def validate(recipe: Recipe) -> Recipe:
     check_choice("model.dtype", recipe.model.dtype, tuple(DTYPES))
     if (recipe.model.name_or_path is None) == (recipe.model.random is None):
@@ -208,6 +239,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError("finetune.target_modules is empty; choose from q_proj, k_proj, v_proj, o_proj "
                           "(or other linear module names of the model)")
     check_choice("export.dtype", recipe.export.dtype, ("model",) + tuple(DTYPES))
+    validate_eval(recipe.eval)
     return recipe
 
 
