@@ -127,6 +127,7 @@ def register() -> None:
                      cache: str = "auto", dtype: str = "float32", **kwargs):
             from transformers import PreTrainedModel
 
+            cache = "none" if cache is None else str(cache).lower()  # lm-eval parses 'none' into None
             lola_keys = {k: kwargs[k] for k in list(kwargs) if k in _LOLA_KEYS}
             for k in lola_keys:
                 kwargs.pop(k)

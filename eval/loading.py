@@ -105,7 +105,7 @@ def load_source(source: str, *, attention: AttentionConfig | Mapping[str, Any] |
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=DTYPES[dtype])
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
         return model.eval(), tok
     return load_model(source, dtype=dtype)
 

@@ -255,3 +255,21 @@ def test_recipe_eval_section_and_stage_argv(tmp_path):
         load_recipe(["recipe=smollm2", "eval.parts=[mmlu]"])
     with pytest.raises(ValueError, match="model.name_or_path"):
         suite_argv(load_recipe(["recipe=tiny"]))
+
+
+def test_lm_eval_lola_model_cache_modes(tiny_dir):
+    """model_args cache=none / cache=lola set or clear config.lola_cache (lm-eval turns 'none' into None)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    from lola_eval.harness import register
+
+    register()
+    lm = get_model("lola").create_from_arg_string(f"pretrained={tiny_dir},convert=true,cache=none", {})
+    assert is_linearized(lm.model) and getattr(lm.model.config, "lola_cache", None) is None
+    lm = get_model("lola").create_from_arg_string(
+        f"pretrained={tiny_dir},convert=true,cache=lola,window=16,global=8,mixing=lola_code", {})
+    assert lm.model.config.lola_cache["window"] == 16 and lm.model.config.lola_cache["global_size"] == 8
+    assert lm.model.config.lola_cache["mixing"] == "lola_code"
+    with pytest.raises(Exception, match="mixing"):
+        get_model("lola").create_from_arg_string(f"pretrained={tiny_dir},convert=true,cache=lola,mixing=bad", {})
