@@ -370,7 +370,12 @@ def _pow2(x: int) -> int:
 
 
 def default_block(head_dim: int, feature_width: int) -> int:
-    """Key/query block C (also the state granularity): 64 for head dims up to 64, else 32 (register budget)."""
+    """Key/query block C (also the state granularity): 64 for head dims up to 64, else 32.
+
+    Shared memory per program on sm_90 (from ``python -m lola_kernels.compile_check``): d=64, D=128, C=64 up to
+    166 KB (fits H100 and A100); d=128, D=128, C=32 up to 116 KB. Cards with less shared memory raise
+    OutOfResources at launch and the call retries with half the block (see _run_with_block_fallback).
+    """
     return 64 if head_dim <= 64 and feature_width <= 128 else 32
 
 
@@ -412,79 +417,106 @@ def _states(fk, v, km, plan: _Plan, has_mask: bool):
     return s, z
 
 
+def _forward(q, k, v, fq, fk, sigma, ell, km, plan: _Plan):
+    """Forward launches. Returns y (fp32), den, m, am ([B*H, Lq] each)."""
+    has_mask = km is not None
+    km_arg = km if has_mask else q  # placeholder pointer, never read
+    s, z = _states(fk, v, km_arg, plan, has_mask)
+    bh = plan.B * plan.H
+    # y in fp32 even for bf16/fp16 inputs: the backward's delta = -(dy . y) / den needs the unrounded y
+    # (with a rounded y the sigma/ell gradients, sums of cancelling terms, lose about 2 digits)
+    y = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    den = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.float32)
+    m = torch.empty_like(den)
+    am = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.int32)
+    _attn_fwd_kernel[(plan.NB - plan.n0, bh)](q, k, v, fq, fk, sigma, ell, km_arg, s, z, y, den, m, am,
+                                              plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
+                                              HAS_MASK=has_mask, **plan.common())
+    return y, den, m, am  # the states are dropped: backward recomputes them (one cheap scan)
+
+
+def _backward(dy, q, k, v, fq, fk, sigma, ell, km, y, den, m, am, plan: _Plan):
+    """Backward launches. Returns fp32 (dq, dk, dv, dfq, dfk, dsigma, dell); dk, dv on the KV heads."""
+    has_mask = km is not None
+    km_arg = km if has_mask else q
+    bh = plan.B * plan.H
+    pos = den > 0
+    den_safe = torch.where(pos, den, torch.ones_like(den))
+    rden = 1.0 / den_safe
+    dot = (dy.float() * y).sum(-1).reshape(bh, plan.Lq)
+    delta = torch.where(pos, -dot / den_safe, torch.zeros_like(den))  # dL/d(den) per row
+
+    s, z = _states(fk, v, km_arg, plan, has_mask)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq = torch.empty(plan.B, plan.H, plan.Lq, plan.d, **f32)
+    dfq = torch.empty(plan.B, plan.H, plan.Lq, plan.D, **f32)
+    dm = torch.empty(bh, plan.Lq, **f32)
+    dsig = torch.empty(bh, plan.Lq, **f32)
+    dell = torch.empty(bh, plan.Lq, **f32)
+    _attn_bwd_dq_kernel[(plan.NB - plan.n0, bh)](q, k, v, fq, fk, sigma, ell, km_arg, s, z, dy, rden, delta, m, am,
+                                                 dq, dfq, dm, dsig, dell,
+                                                 plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
+                                                 HAS_MASK=has_mask, **plan.common())
+    ds, dz = s, z  # reuse the state buffers for their gradients
+    grid = (triton.cdiv(plan.D, plan.BD), triton.cdiv(plan.d, plan.BV), bh)
+    _state_bwd_kernel[grid](fq, dy, rden, delta, ell, ds, dz, plan.Lq, plan.Lk, plan.H, plan.NB, plan.P,
+                            plan.D, plan.d, C=plan.C, BD=plan.BD, BV=plan.BV, PREC=plan.prec)
+    dk = torch.empty(plan.B, plan.H, plan.Lk, plan.d, **f32)
+    dv = torch.empty_like(dk)
+    dfk = torch.empty(plan.B, plan.H, plan.Lk, plan.D, **f32)
+    _attn_bwd_dkdv_kernel[(plan.NB, bh)](q, k, v, fq, fk, sigma, ell, km_arg, ds, dz, dy, rden, delta, m, am,
+                                         dm, dk, dv, dfk,
+                                         plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
+                                         HAS_MASK=has_mask, **plan.common())
+    if plan.G > 1:  # sum the query heads of each KV group
+        dk = dk.view(plan.B, plan.Hkv, plan.G, plan.Lk, plan.d).sum(2)
+        dv = dv.view(plan.B, plan.Hkv, plan.G, plan.Lk, plan.d).sum(2)
+    dsigma = dsig.view(plan.B, plan.H, plan.Lq).sum((0, 2))
+    dell_h = dell.view(plan.B, plan.H, plan.Lq).sum((0, 2))
+    return dq, dk, dv, dfq, dfk, dsigma, dell_h
+
+
+def _run_with_block_fallback(launch, q, k, fq, window, layout, block, precision, explicit_block):
+    """launch(plan) with the requested block; when the GPU lacks the shared memory for it (smaller cards than
+    A100/H100) retry with half the block, down to 16, unless the caller fixed the block."""
+    from triton.runtime.errors import OutOfResources
+
+    while True:
+        try:
+            return launch(_Plan(q, k, fq, window, layout, block, precision)), block
+        except OutOfResources:
+            if explicit_block or block <= 16:
+                raise
+            block //= 2
+
+
 class HybridAttentionTriton(torch.autograd.Function):
     """Autograd wrapper: forward and backward are Triton kernels; gradients for q, k, v, fq, fk, sigma, ell."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, sigma, ell, km, window, layout, block, precision):
-        plan = _Plan(q, k, fq, window, layout, block, precision)
-        has_mask = km is not None
-        km_arg = km if has_mask else q  # placeholder pointer, never read
-        s, z = _states(fk, v, km_arg, plan, has_mask)
-        bh = plan.B * plan.H
-        # y in fp32 even for bf16/fp16 inputs: the backward's delta = -(dy . y) / den needs the unrounded y
-        # (with a rounded y the sigma/ell gradients, sums of cancelling terms, lose about 2 digits)
-        y = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        den = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.float32)
-        m = torch.empty_like(den)
-        am = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.int32)
-        grid = (plan.NB - plan.n0, bh)
-        _attn_fwd_kernel[grid](q, k, v, fq, fk, sigma, ell, km_arg, s, z, y, den, m, am,
-                               plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
-                               HAS_MASK=has_mask, **plan.common())
-        del s, z  # recomputed in backward: one cheap scan instead of keeping NB*D*d floats per head
+    def forward(ctx, q, k, v, fq, fk, sigma, ell, km, window, layout, block, precision, explicit_block=False):
+        (y, den, m, am), block = _run_with_block_fallback(
+            lambda plan: _forward(q, k, v, fq, fk, sigma, ell, km, plan), q, k, fq, window, layout, block,
+            precision, explicit_block)
         ctx.save_for_backward(q, k, v, fq, fk, sigma, ell, km, y, den, m, am)
-        ctx.plan = plan
+        ctx.args = (window, layout, block, precision, explicit_block)
         return y.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         q, k, v, fq, fk, sigma, ell, km, y, den, m, am = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        has_mask = km is not None
-        km_arg = km if has_mask else q
+        window, layout, block, precision, explicit_block = ctx.args
         dy = dy.contiguous()
-        bh = plan.B * plan.H
-        pos = den > 0
-        den_safe = torch.where(pos, den, torch.ones_like(den))
-        rden = 1.0 / den_safe
-        dot = (dy.float() * y).sum(-1).reshape(bh, plan.Lq)
-        delta = torch.where(pos, -dot / den_safe, torch.zeros_like(den))
-
-        s, z = _states(fk, v, km_arg, plan, has_mask)
-        f32 = dict(device=q.device, dtype=torch.float32)
-        dq = torch.empty(plan.B, plan.H, plan.Lq, plan.d, **f32)
-        dfq = torch.empty(plan.B, plan.H, plan.Lq, plan.D, **f32)
-        dm = torch.empty(bh, plan.Lq, **f32)
-        dsig = torch.empty(bh, plan.Lq, **f32)
-        dell = torch.empty(bh, plan.Lq, **f32)
-        grid = (plan.NB - plan.n0, bh)
-        _attn_bwd_dq_kernel[grid](q, k, v, fq, fk, sigma, ell, km_arg, s, z, dy, rden, delta, m, am,
-                                  dq, dfq, dm, dsig, dell,
-                                  plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
-                                  HAS_MASK=has_mask, **plan.common())
-        ds, dz = s, z  # reuse the state buffers for their gradients
-        grid = (triton.cdiv(plan.D, plan.BD), triton.cdiv(plan.d, plan.BV), bh)
-        _state_bwd_kernel[grid](fq, dy, rden, delta, ell, ds, dz, plan.Lq, plan.Lk, plan.H, plan.NB, plan.P,
-                                plan.D, plan.d, C=plan.C, BD=plan.BD, BV=plan.BV, PREC=plan.prec)
-        dk = torch.empty(plan.B, plan.H, plan.Lk, plan.d, **f32)
-        dv = torch.empty_like(dk)
-        dfk = torch.empty(plan.B, plan.H, plan.Lk, plan.D, **f32)
-        _attn_bwd_dkdv_kernel[(plan.NB, bh)](q, k, v, fq, fk, sigma, ell, km_arg, ds, dz, dy, rden, delta, m, am,
-                                             dm, dk, dv, dfk,
-                                             plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
-                                             HAS_MASK=has_mask, **plan.common())
-        if plan.G > 1:  # sum the query heads of each KV group
-            dk = dk.view(plan.B, plan.Hkv, plan.G, plan.Lk, plan.d).sum(2)
-            dv = dv.view(plan.B, plan.Hkv, plan.G, plan.Lk, plan.d).sum(2)
-        dsigma = dsig.view(plan.B, plan.H, plan.Lq).sum((0, 2))
-        dell_h = dell.view(plan.B, plan.H, plan.Lq).sum((0, 2))
+        grads, _ = _run_with_block_fallback(
+            lambda plan: _backward(dy, q, k, v, fq, fk, sigma, ell, km, y, den, m, am, plan), q, k, fq, window,
+            layout, block, precision, explicit_block)
+        dq, dk, dv, dfq, dfk, dsigma, dell = grads
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dfq.to(fq.dtype), dfk.to(fk.dtype),
-                dsigma, dell_h, None, None, None, None, None)
+                dsigma, dell, None, None, None, None, None, None)
 
 
 MAX_HEAD_DIM = 128       # d: Llama-family heads are 64 or 128
-MAX_FEATURE_WIDTH = 256  # D: Hedgehog fullspace with feature_dim up to 128
+MAX_FEATURE_WIDTH = 128  # D: Hedgehog fullspace with feature_dim 64 (every published config)
 
 
 def supports(q: torch.Tensor, fq: torch.Tensor) -> bool:
@@ -546,6 +578,7 @@ def hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, *, window: int, layout:
     ``chunk_size`` (the PyTorch path's chunk) is accepted for the BACKENDS signature and ignored: the kernels
     use ``block`` (default :func:`default_block`). ``precision='tf32'`` trades exact fp32 dots for speed.
     """
+    explicit_block = block is not None
     block = default_block(q.shape[-1], fq.shape[-1]) if block is None else block
     _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision)
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to launch; the reference handles empty shapes
@@ -554,4 +587,4 @@ def hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, *, window: int, layout:
     km = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.int8).contiguous()
     return HybridAttentionTriton.apply(q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(),
                                        fk.contiguous(), sigma.float().contiguous(), ell.float().contiguous(), km,
-                                       window, layout, block, precision)
+                                       window, layout, block, precision, explicit_block)

@@ -191,3 +191,33 @@ def test_feature_map_gradients_through_kernel():
         grads[backend] = torch.autograd.grad((y * v).sum(), (fmap_q.weight, fmap_k.weight))
     for g, w in zip(grads["triton"], grads["chunked"]):
         assert_close(g, w, 1e-4, "feature map weight grad")
+
+
+def test_smaller_block_when_shared_memory_runs_out(monkeypatch):
+    """A GPU without the shared memory for the default block raises OutOfResources at launch: forward and
+    backward retry with half the block and still compute the same function."""
+    from triton.runtime.errors import OutOfResources
+
+    seen = []
+
+    def limited(fn):
+        def wrapper(*args):
+            plan = args[-1]
+            seen.append((fn.__name__, plan.C))
+            if plan.C > 16:
+                raise OutOfResources(plan.C * 4096, 16 * 4096, "shared memory")
+            return fn(*args)
+        return wrapper
+
+    monkeypatch.setattr(kh, "_forward", limited(kh._forward))
+    monkeypatch.setattr(kh, "_backward", limited(kh._backward))
+    inputs = make_inputs(1, 2, 2, 40, 40, 64, 32, seed=11)
+    dy = torch.randn(1, 2, 40, 64, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    kw = dict(window=8, layout="sw")
+    got = run(kh.hybrid_attention_triton, inputs, dy, **kw)   # default block (64) -> 32 -> 16
+    want = run(reference, inputs, dy, **kw)
+    for name, g, w in zip(NAMES, got, want):
+        assert_close(g, w, 1e-4, name)
+    assert seen == [("_forward", 64), ("_forward", 32), ("_forward", 16), ("_backward", 16)]
+    with pytest.raises(OutOfResources):  # a block the caller fixed is not changed behind its back
+        kh.hybrid_attention_triton(*inputs, block=32, **kw)

@@ -1,0 +1,116 @@
+"""Compile the hybrid-attention kernels for an NVIDIA target without a GPU (Triton -> PTX -> cubin with ptxas).
+
+The interpreter checks the math on CPU; this checks what only the real compiler sees: types of loop-carried
+values, dot shapes, layouts, and the shared memory each kernel needs against the target's limit. Run it in a
+process where TRITON_INTERPRET is not set (the decorator must produce compilable kernels):
+
+    python -m lola_kernels.compile_check            # sm_90 (H100), the default configurations
+    python -m lola_kernels.compile_check --arch 80  # sm_80 (A100)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import hybrid as kh
+
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in max)
+
+_INT_ARGS = {"Lq", "Lk", "H", "G", "NB", "n0", "P", "W", "SHIFT", "d", "D"}
+
+
+def _signature(kernel, io_dtype: str, constexprs: dict) -> dict:
+    """Triton signature strings: q/k/v/dy in io_dtype, feature maps and work buffers fp32, the mask int8."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _INT_ARGS:
+            sig[name] = "i32"
+        elif name == "scale":
+            sig[name] = "fp32"
+        elif name in ("Q", "K", "V", "DO"):
+            sig[name] = f"*{io_dtype}"
+        elif name == "KM":
+            sig[name] = "*i8"
+        elif name == "AM":
+            sig[name] = "*i32"
+        else:
+            sig[name] = "*fp32"
+    return sig
+
+
+def configurations(head_dim: int, feature_width: int, *, has_mask: bool, layout: int, precision: str):
+    """(kernel, constexprs) for every kernel of one call with these sizes and options."""
+    block = kh.default_block(head_dim, feature_width)
+    dh, df = kh._pow2(head_dim), kh._pow2(feature_width)
+    bd, bv = min(df, 64), min(dh, 64)
+    attn = dict(LAYOUT=layout, HAS_MASK=has_mask, C=block, DH=dh, DF=df, PREC=precision)
+    return [
+        (kh._state_fwd_kernel, dict(HAS_MASK=has_mask, C=block, BD=bd, BV=bv, PREC=precision)),
+        (kh._attn_fwd_kernel, attn),
+        (kh._attn_bwd_dq_kernel, attn),
+        (kh._state_bwd_kernel, dict(C=block, BD=bd, BV=bv, PREC=precision)),
+        (kh._attn_bwd_dkdv_kernel, attn),
+    ]
+
+
+def compile_kernels(head_dim: int, feature_width: int, *, arch: int = 90, io_dtype: str = "bf16",
+                    has_mask: bool = True, layout: int = 1, precision: str = "ieee") -> list[dict]:
+    """Compile every kernel to a cubin for sm_<arch>. Returns one dict per kernel (name, shared bytes, limit)."""
+    if kh.interpreting():
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels were decorated for the interpreter and cannot "
+                           "be compiled; run this in a process without it")
+    target = GPUTarget("cuda", arch, 32)
+    num_warps = 4 if kh.default_block(head_dim, feature_width) <= 32 else 8
+    out = []
+    for kernel, constexprs in configurations(head_dim, feature_width, has_mask=has_mask, layout=layout,
+                                             precision=precision):
+        src = ASTSource(fn=kernel, signature=_signature(kernel, io_dtype, constexprs), constexprs=constexprs)
+        compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
+        assert "cubin" in compiled.asm, f"{kernel.__name__}: no cubin produced"
+        shared = compiled.metadata.shared
+        out.append(dict(kernel=kernel.__name__, head_dim=head_dim, feature_width=feature_width, arch=arch,
+                        io_dtype=io_dtype, has_mask=has_mask, layout="sw" if layout == 0 else "tk",
+                        precision=precision, num_warps=num_warps, shared_bytes=shared,
+                        shared_limit=SHARED_LIMIT.get(arch)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--sizes", nargs="+", default=["64x128", "128x128"],
+                    help="head_dim x feature_width pairs")
+    ap.add_argument("--io-dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--precision", default="ieee", choices=("ieee", "tf32"))
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args(argv)
+    rows, too_big = [], []
+    for size in args.sizes:
+        d, f = (int(x) for x in size.split("x"))
+        for layout in (0, 1):
+            rows += compile_kernels(d, f, arch=args.arch, io_dtype=args.io_dtype, layout=layout,
+                                    precision=args.precision)
+    for r in rows:
+        if r["shared_limit"] is not None and r["shared_bytes"] > r["shared_limit"]:
+            too_big.append(r)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"sm_{r['arch']} d={r['head_dim']:<3} D={r['feature_width']:<3} {r['layout']} {r['io_dtype']} "
+                  f"{r['kernel']:<24} shared {r['shared_bytes']:>7} B (limit {r['shared_limit']})")
+    if too_big:
+        print(f"{len(too_big)} kernel(s) need more shared memory than sm_{args.arch} has", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
