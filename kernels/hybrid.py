@@ -519,9 +519,17 @@ MAX_HEAD_DIM = 128       # d: Llama-family heads are 64 or 128
 MAX_FEATURE_WIDTH = 128  # D: Hedgehog fullspace with feature_dim 64 (every published config)
 
 
+AUTO_MIN_QUERIES = 65    # 'auto' leaves shorter query blocks (decode) to the PyTorch reference path
+
+
 def supports(q: torch.Tensor, fq: torch.Tensor) -> bool:
-    """Whether the kernels take these head and feature widths ('auto' falls back to the PyTorch path if not)."""
-    return q.shape[-1] <= MAX_HEAD_DIM and fq.shape[-1] <= MAX_FEATURE_WIDTH
+    """Whether backend 'auto' should use the kernels: head and feature widths they take, and more than 64 queries.
+
+    Decode-sized query blocks go to the reference form, as on CPU: it costs Lq x Lk, while the kernels' state
+    scan costs Lk x D x d whatever Lq is. ``backend='triton'`` still runs the kernels for any Lq.
+    """
+    return (q.shape[-1] <= MAX_HEAD_DIM and fq.shape[-1] <= MAX_FEATURE_WIDTH
+            and q.shape[2] >= AUTO_MIN_QUERIES)
 
 
 def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision):
@@ -547,13 +555,15 @@ def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precisi
     if fq.shape[:3] != q.shape[:3] or fk.shape[:3] != (b, h, lk) or fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"fq must be [batch, heads, Lq, D] and fk [batch, heads (query heads), Lk, D]; got fq "
                          f"{tuple(fq.shape)}, fk {tuple(fk.shape)} for q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not supports(q, fq):
+    if d > MAX_HEAD_DIM or fq.shape[-1] > MAX_FEATURE_WIDTH:
         raise ValueError(f"head_dim={d} / feature width={fq.shape[-1]} too large for the triton kernels "
                          f"(max {MAX_HEAD_DIM} / {MAX_FEATURE_WIDTH}: one block's state tile must fit on chip); "
                          f"use backend 'chunked'")
     for name, t in (("sigma", sigma), ("ell", ell)):
         if tuple(t.shape) != (h,):
             raise ValueError(f"{name} must have shape [heads]=({h},); got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move all inputs to one device")
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window={window!r} must be a positive integer")
     if layout not in ("sw", "tk"):

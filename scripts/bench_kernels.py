@@ -4,7 +4,8 @@
 Prefill rows: forward and forward+backward at each length, tokens/s (batch * length / time) and peak memory.
 Decode rows: latency of one new token against a context of length L for
   sdpa         softmax attention over the whole KV cache (grows with L),
-  hybrid-full  the hybrid function recomputed over the whole context (Lq=1; backend 'auto'),
+  hybrid-full  the hybrid function recomputed over the whole context (Lq=1; backend 'auto', which leaves
+               decode-sized queries to the PyTorch reference; on CUDA also hybrid-full-triton, the kernels forced),
   hybrid-state the constant-memory step: softmax over the last W keys + fq S / fq z (flat in L).
 
   python scripts/bench_kernels.py                      # CUDA: 1K-32K, Llama-3-8B-like heads (32 q / 8 kv, d 128)
@@ -273,6 +274,10 @@ def bench_decode(args):
             "hybrid-state": (lambda: state_decode_step(q, k_win, v_win, fq, s_state, z_state, sigma, ell),
                              state_bytes),
         }
+        if args.device == "cuda" and "triton" in args.impls:  # the kernels forced on one query ('auto' declines)
+            cases["hybrid-full-triton"] = (lambda: hybrid_attention(q, kx, vx, fq, fk, sigma, ell, window=w,
+                                                                    layout="sw", backend="triton"),
+                                           kv_bytes + fk.numel() * 4)
         if length <= 4096:  # the state step is the same function: check it before timing it
             want = hybrid_attention_reference(q, kx, vx, fq, fk, sigma, ell, window=w, layout="sw").float()
             err = (cases["hybrid-state"][0]().float() - want).abs().max().item()

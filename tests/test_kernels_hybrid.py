@@ -135,6 +135,15 @@ def test_registered_and_dispatched():
     assert_close(y, hybrid_attention_reference(*inputs, **kw), 1e-4, "y")
 
 
+def test_auto_policy():
+    """'auto' takes the kernels for prompts, not for decode-sized query blocks or widths they do not take."""
+    q, fq = torch.zeros(1, 2, 65, 64), torch.zeros(1, 2, 65, 128)
+    assert lola_kernels.triton_backend.supports(q, fq)
+    assert not lola_kernels.triton_backend.supports(q[:, :, :64], fq[:, :, :64])
+    assert not lola_kernels.triton_backend.supports(torch.zeros(1, 2, 65, 256), fq)
+    assert not lola_kernels.triton_backend.supports(q, torch.zeros(1, 2, 65, 256))
+
+
 def test_auto_on_cpu_keeps_pytorch_path(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("auto must not pick the triton backend for CPU tensors")
@@ -160,6 +169,7 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     (dict(precision="fp16"), "precision='fp16'"),
     (dict(key_mask=torch.ones(1, 3, dtype=torch.bool)), "key_mask must be"),
     (dict(sigma=torch.ones(3)), "sigma must have shape"),
+    (dict(fq=torch.rand(1, 2, 9, 256), fk=torch.rand(1, 2, 9, 256)), "too large"),
     (dict(k=torch.zeros(1, 3, 9, 64), v=torch.zeros(1, 3, 9, 64)), "multiple of the KV heads"),
     (dict(q=torch.zeros(1, 2, 12, 64)), "queries must be the last"),
     (dict(q=torch.zeros(1, 2, 9, 256), k=torch.zeros(1, 2, 9, 256), v=torch.zeros(1, 2, 9, 256)), "too large"),
