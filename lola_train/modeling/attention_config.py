@@ -52,8 +52,9 @@ class AttentionConfig:
     init_window_factor: w, initial logit of the per-head mixing factor sigma(w) (logit(0.1) published).
     affine_attention_factors: if true the linear terms are weighted by 1 - sigma(w) instead of 1.
     chunk_size:       C of the chunked PyTorch path (cost is linear in length for a fixed C and W).
-    backend:          'auto' (chunked for prompts, reference for short queries), 'reference' or 'chunked';
-                      kernel packages may register more (see hybrid_ops.BACKENDS).
+    backend:          'auto' (chunked for prompts, reference for short queries; on CUDA the Triton kernels of
+                      lola_kernels for prompts when triton is installed), 'reference', 'chunked' (forces the
+                      PyTorch path) or 'triton' (forces the kernels; needs lola-train[triton] and CUDA).
     """
 
     feature_map: str = "softmax_dim"
