@@ -34,6 +34,7 @@ import math
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from lola_train.modeling.hybrid_ops import hybrid_attention_reference
@@ -503,6 +504,7 @@ class HybridAttentionTriton(torch.autograd.Function):
         return y.to(q.dtype)
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not themselves differentiable
     def backward(ctx, dy):
         q, k, v, fq, fk, sigma, ell, km, y, den, m, am = ctx.saved_tensors
         window, layout, block, precision, explicit_block = ctx.args
