@@ -125,6 +125,10 @@ def stage_export(recipe: Recipe) -> dict:
     if recipe.export.adapter:
         summary["adapter_dir"] = str(export_adapter(peft_model, lola_params, out / "adapter"))
     merged = peft_model.merge_and_unload()
+    if recipe.lola_cache is not None:  # the exported config.json switches the LoLA cache on at load
+        from .lola import enable_lola_cache
+
+        enable_lola_cache(merged, recipe.lola_cache)
     summary["model_dir"] = str(export_model(merged, tok, out / "model", dtype=recipe.export.dtype))
     summary["model_type"] = f"lola_{merged.config.model_type}"
     return summary

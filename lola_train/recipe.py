@@ -6,6 +6,7 @@ and wrong types fail before any work, with the key named and the valid choices l
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -15,6 +16,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .models import DTYPES
 from .modeling.attention_config import AttentionConfig, ConfigError, check_choice
+from .modeling.lola_cache import LolaCacheConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -140,6 +142,9 @@ class Recipe:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    # LoLA inference cache written into the exported config.json (switched on at load); null = the plain hybrid
+    # model with transformers' DynamicCache. Keys: see LolaCacheConfig (window, global_size, chunk_size, ...).
+    lola_cache: Optional[LolaCacheConfig] = None
 
 
 STAGES = ("convert", "transfer", "finetune", "export", "eval")
@@ -240,6 +245,8 @@ def validate(recipe: Recipe) -> Recipe:
                           "(or other linear module names of the model)")
     check_choice("export.dtype", recipe.export.dtype, ("model",) + tuple(DTYPES))
     validate_eval(recipe.eval)
+    if recipe.lola_cache is not None:
+        recipe.lola_cache.validate()
     return recipe
 
 
@@ -278,11 +285,14 @@ def load_recipe(args: Sequence[str]) -> Recipe:
 
 
 def _valid_keys(full_key: str) -> str:
-    node: Any = Recipe()
+    """The field names of the section that ``full_key`` points into (Optional[...] and List[...] unwrapped)."""
+    node: Any = Recipe
     for part in full_key.split(".")[:-1]:
-        node = getattr(node, part.split("[")[0], None)
-        if isinstance(node, list):  # a list of sections (data.sources[i]): use its element type
-            node = node[0] if node else None
+        if not dataclasses.is_dataclass(node):
+            return "(none)"
+        node = typing.get_type_hints(node).get(part.split("[")[0])
+        while typing.get_origin(node) in (typing.Union, list, List):
+            node = next(a for a in typing.get_args(node) if a is not type(None))
     return ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else "(none)"
 
 

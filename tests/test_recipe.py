@@ -57,3 +57,15 @@ def test_both_loss_factors_zero_is_rejected():
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(ConfigError, match="tiny"):
         load_recipe(["recipe=does_not_exist"])
+
+
+def test_lola_cache_section_is_validated():
+    from lola_train.recipe import load_recipe
+
+    assert load_recipe(["recipe=tiny"]).lola_cache is None
+    r = load_recipe(["recipe=tiny", "lola_cache={window: 16, global_size: 8}"])
+    assert (r.lola_cache.window, r.lola_cache.global_size) == (16, 8)
+    with pytest.raises(ConfigError, match="lola_cache.mixing='zz'.*'lolcats', 'lola_code'"):
+        load_recipe(["recipe=tiny", "lola_cache={mixing: zz}"])
+    with pytest.raises(ConfigError, match="unknown key 'lola_cache.windw'; valid keys here: window, global_size"):
+        load_recipe(["recipe=tiny", "lola_cache={windw: 3}"])
