@@ -46,17 +46,19 @@ def _signature(kernel, io_dtype: str, constexprs: dict) -> dict:
 
 
 def configurations(head_dim: int, feature_width: int, *, has_mask: bool, layout: int, precision: str):
-    """(kernel, constexprs) for every kernel of one call with these sizes and options."""
+    """(kernel, constexprs, num_warps) for every kernel of one call with these sizes and options, as launched by
+    hybrid.py (the state scans with Triton's default of 4 warps)."""
     block = kh.default_block(head_dim, feature_width)
     dh, df = kh._pow2(head_dim), kh._pow2(feature_width)
     bd, bv = min(df, 64), min(dh, 64)
     attn = dict(LAYOUT=layout, HAS_MASK=has_mask, C=block, DH=dh, DF=df, PREC=precision)
+    warps = kh.num_warps(block)
     return [
-        (kh._state_fwd_kernel, dict(HAS_MASK=has_mask, C=block, BD=bd, BV=bv, PREC=precision)),
-        (kh._attn_fwd_kernel, attn),
-        (kh._attn_bwd_dq_kernel, attn),
-        (kh._state_bwd_kernel, dict(C=block, BD=bd, BV=bv, PREC=precision)),
-        (kh._attn_bwd_dkdv_kernel, attn),
+        (kh._state_fwd_kernel, dict(HAS_MASK=has_mask, C=block, BD=bd, BV=bv, PREC=precision), 4),
+        (kh._attn_fwd_kernel, attn, warps),
+        (kh._attn_bwd_dq_kernel, attn, warps),
+        (kh._state_bwd_kernel, dict(C=block, BD=bd, BV=bv, PREC=precision), 4),
+        (kh._attn_bwd_dkdv_kernel, attn, warps),
     ]
 
 
@@ -67,10 +69,9 @@ def compile_kernels(head_dim: int, feature_width: int, *, arch: int = 90, io_dty
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels were decorated for the interpreter and cannot "
                            "be compiled; run this in a process without it")
     target = GPUTarget("cuda", arch, 32)
-    num_warps = 4 if kh.default_block(head_dim, feature_width) <= 32 else 8
     out = []
-    for kernel, constexprs in configurations(head_dim, feature_width, has_mask=has_mask, layout=layout,
-                                             precision=precision):
+    for kernel, constexprs, num_warps in configurations(head_dim, feature_width, has_mask=has_mask, layout=layout,
+                                                        precision=precision):
         src = ASTSource(fn=kernel, signature=_signature(kernel, io_dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         assert "cubin" in compiled.asm, f"{kernel.__name__}: no cubin produced"

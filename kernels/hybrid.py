@@ -380,6 +380,11 @@ def default_block(head_dim: int, feature_width: int) -> int:
     return 64 if head_dim <= 64 and feature_width <= 128 else 32
 
 
+def num_warps(block: int) -> int:
+    """Warps per program of the attention kernels for a block of C rows."""
+    return 4 if block <= 32 else 8
+
+
 class _Plan:
     """Sizes shared by the kernels of one call."""
 
@@ -400,7 +405,7 @@ class _Plan:
         self.BD, self.BV = min(self.DF, 64), min(self.DH, 64)
         self.scale = 1.0 / math.sqrt(self.d)
         self.prec = precision
-        self.num_warps = 4 if block <= 32 else 8
+        self.num_warps = num_warps(block)
 
     def common(self):
         return dict(W=self.W, SHIFT=self.shift, scale=self.scale, d=self.d, D=self.D, LAYOUT=self.layout,
