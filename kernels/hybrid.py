@@ -60,6 +60,23 @@ def _window_masks(p, j, key_ok, W, SHIFT, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _block_has(p_lo, j_lo, W, SHIFT, LAYOUT: tl.constexpr, C: tl.constexpr):
+    """(any window pair, any linear pair) between query rows p_lo..p_lo+C-1 and keys j_lo..j_lo+C-1.
+
+    Conservative (ignores padding and row validity): False only when no pair of that kind exists, so a block
+    that is entirely window or entirely linear memory skips the other half of the work."""
+    p_hi = p_lo + C - 1
+    j_hi = j_lo + C - 1
+    if LAYOUT == 0:
+        has_win = (j_lo <= p_hi) & (j_hi > p_lo - W)
+        has_lin = j_lo <= p_hi - W
+    else:
+        has_win = (j_lo <= p_hi) & ((j_hi + SHIFT) // W >= (p_lo + SHIFT) // W - 1)
+        has_lin = (j_lo + SHIFT) // W <= (p_hi + SHIFT) // W - 2
+    return has_win, has_lin
+
+
+@triton.jit
 def _key_ok(KM, b, j, Lk, HAS_MASK: tl.constexpr):
     ok = j < Lk
     if HAS_MASK:
@@ -143,27 +160,30 @@ def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, Y, DEN, M, AM,
     for kb in range(nb, n + 1):
         j = kb * C + r
         key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
-        k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
         v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
                     other=0.0).to(tl.float32)
-        fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=key_ok[:, None] & f_ok[None, :],
-                     other=0.0).to(tl.float32)
         win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        s_w = tl.where(win, s, float("-inf"))
-        blk_max = tl.max(s_w, 1)
-        blk_arg = tl.argmax(s_w, 1).to(tl.int32) + kb * C
-        am = tl.where(blk_max > m, blk_arg, am)
-        m_new = tl.maximum(m, blk_max)
-        alpha = tl.exp(m - m_new)
-        pw = tl.exp(s_w - m_new[:, None])  # 0 off the window (s_w = -inf there)
-        acc_w = acc_w * alpha[:, None] + tl.dot(pw, v, input_precision=PREC)
-        l_w = l_w * alpha + tl.sum(pw, 1)
-        m = m_new
-        ls = tl.where(lin, tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
-        acc_l += tl.dot(ls, v, input_precision=PREC)
-        l_l += tl.sum(ls, 1)
+        has_win, has_lin = _block_has(n * C, kb * C, W, SHIFT, LAYOUT, C)
+        if has_win:
+            k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            s_w = tl.where(win, s, float("-inf"))
+            blk_max = tl.max(s_w, 1)
+            blk_arg = tl.argmax(s_w, 1).to(tl.int32) + kb * C
+            am = tl.where(blk_max > m, blk_arg, am)
+            m_new = tl.maximum(m, blk_max)
+            alpha = tl.exp(m - m_new)
+            pw = tl.exp(s_w - m_new[:, None])  # 0 off the window (s_w = -inf there)
+            acc_w = acc_w * alpha[:, None] + tl.dot(pw, v, input_precision=PREC)
+            l_w = l_w * alpha + tl.sum(pw, 1)
+            m = m_new
+        if has_lin:
+            fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=key_ok[:, None] & f_ok[None, :],
+                         other=0.0).to(tl.float32)
+            ls = tl.where(lin, tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
+            acc_l += tl.dot(ls, v, input_precision=PREC)
+            l_l += tl.sum(ls, 1)
     num = sigma * acc_w + ell * acc_l
     den = sigma * l_w + ell * l_l
     y = num / tl.where(den > 0, den, 1.0)[:, None]
@@ -223,27 +243,30 @@ def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, DO, RDEN, DELTA, M,
     for kb in range(nb, n + 1):
         j = kb * C + r
         key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
-        k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
         v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
                     other=0.0).to(tl.float32)
-        fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=key_ok[:, None] & f_ok[None, :],
-                     other=0.0).to(tl.float32)
         win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        pw = tl.exp(tl.where(win, s - m[:, None], float("-inf")))
-        ls = tl.dot(fq, tl.trans(fk), input_precision=PREC)
+        has_win, has_lin = _block_has(n * C, kb * C, W, SHIFT, LAYOUT, C)
         da = tl.dot(g, tl.trans(v), input_precision=PREC) + delta[:, None]
-        t = pw * da
-        dsig += tl.sum(t, 1)
-        t = sigma * t
-        dm += tl.sum(t, 1)
-        dq += tl.dot(t, k, input_precision=PREC)
-        onehot = tl.where(j[None, :] == am[:, None], 1.0, 0.0)
-        kmax += tl.dot(onehot, k, input_precision=PREC)
-        dal = tl.where(lin, da, 0.0)
-        dell += tl.sum(dal * ls, 1)
-        dfq += ell * tl.dot(dal, fk, input_precision=PREC)
+        if has_win:
+            k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            pw = tl.exp(tl.where(win, s - m[:, None], float("-inf")))
+            t = pw * da
+            dsig += tl.sum(t, 1)
+            t = sigma * t
+            dm += tl.sum(t, 1)
+            dq += tl.dot(t, k, input_precision=PREC)
+            onehot = tl.where(j[None, :] == am[:, None], 1.0, 0.0)
+            kmax += tl.dot(onehot, k, input_precision=PREC)
+        if has_lin:
+            fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=key_ok[:, None] & f_ok[None, :],
+                         other=0.0).to(tl.float32)
+            ls = tl.dot(fq, tl.trans(fk), input_precision=PREC)
+            dal = tl.where(lin, da, 0.0)
+            dell += tl.sum(dal * ls, 1)
+            dfq += ell * tl.dot(dal, fk, input_precision=PREC)
     dq = (dq - dm[:, None] * kmax) * scale
     tl.store(DQ + bh * Lq * d + i[:, None] * d + cd[None, :], dq, mask=rd_mask)
     tl.store(DFQ + bh * Lq * D + i[:, None] * D + cf[None, :], dfq, mask=row_ok[:, None] & f_ok[None, :])
@@ -339,14 +362,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA
         dm = tl.load(DM + bh * Lq + i, mask=row_ok, other=0.0)
         g = do * rden[:, None]
         win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        aw = sigma * tl.exp(tl.where(win, s - m[:, None], float("-inf")))
-        al = tl.where(lin, ell * tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
+        has_win, has_lin = _block_has(n * C, kb * C, W, SHIFT, LAYOUT, C)
         da = tl.dot(g, tl.trans(v), input_precision=PREC) + delta[:, None]
-        dv += tl.dot(tl.trans(aw + al), g, input_precision=PREC)
-        ds = aw * da - tl.where(j[None, :] == am[:, None], dm[:, None], 0.0)
-        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
-        dfk += ell * tl.dot(tl.trans(tl.where(lin, da, 0.0)), fq, input_precision=PREC)
+        if has_win:
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            aw = sigma * tl.exp(tl.where(win, s - m[:, None], float("-inf")))
+            dv += tl.dot(tl.trans(aw), g, input_precision=PREC)
+            ds = aw * da - tl.where(j[None, :] == am[:, None], dm[:, None], 0.0)
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+        if has_lin:
+            al = tl.where(lin, ell * tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
+            dv += tl.dot(tl.trans(al), g, input_precision=PREC)
+            dfk += ell * tl.dot(tl.trans(tl.where(lin, da, 0.0)), fq, input_precision=PREC)
     dk = tl.where(kd_mask, dk * scale, 0.0)
     dv = tl.where(kd_mask, dv, 0.0)
     dfk = tl.where(kf_mask, dfk, 0.0)

@@ -72,6 +72,9 @@ CASES = [
     pytest.param(2, 2, 1, 20, 70, 64, 32, 6, "tk", 16, True, id="offset-tk-gqa-mask"),
     pytest.param(1, 2, 2, 1, 50, 64, 16, 8, "sw", 16, False, id="decode-sw"),
     pytest.param(1, 2, 2, 33, 33, 64, 32, 64, "tk", 16, False, id="window-longer-than-L"),
+    # block-skip boundaries: W = C - 1 puts the only linear pair of a block at its corner
+    pytest.param(1, 2, 2, 70, 70, 64, 16, 15, "sw", 16, False, id="sw-W15-C16"),
+    pytest.param(1, 2, 2, 83, 83, 64, 16, 9, "tk", 16, False, id="tk-W9-C16"),
 ]
 
 
