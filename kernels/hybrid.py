@@ -19,6 +19,9 @@ Forward:  ``_state_fwd_kernel`` (scan: states at every block boundary, [B*H, NB,
 Backward: ``_attn_bwd_dq_kernel`` (dq, dfq, the per-row max gradient and per-row sigma/ell gradients),
           ``_state_bwd_kernel`` (reverse scan of dS = sum ell fq^T g over the query blocks that read a state),
           ``_attn_bwd_dkdv_kernel`` (dk, dv, dfk from the local blocks plus the state gradients).
+A (query block, key block) pair with no window pair skips the softmax half, one with no linear pair the
+linear half (``_block_has``). Saved for backward: the inputs, y in fp32 and three numbers per row; the states
+are recomputed (one scan) rather than kept.
 
 All arithmetic is float32 (``tl.dot`` with ``input_precision='ieee'`` by default, so no TF32 rounding); inputs
 may be fp32/bf16/fp16 and are cast up on load. Grouped-query attention: k and v may have H_kv heads with
@@ -401,7 +404,7 @@ def default_block(head_dim: int, feature_width: int) -> int:
     """Key/query block C (also the state granularity): 64 for head dims up to 64, else 32.
 
     Shared memory per program on sm_90 (from ``python -m lola_kernels.compile_check``): d=64, D=128, C=64 up to
-    166 KB (fits H100 and A100); d=128, D=128, C=32 up to 116 KB. Cards with less shared memory raise
+    132 KB (fits H100 and A100); d=128, D=128, C=32 up to 115 KB. Cards with less shared memory raise
     OutOfResources at launch and the call retries with half the block (see _run_with_block_fallback).
     """
     return 64 if head_dim <= 64 and feature_width <= 128 else 32
