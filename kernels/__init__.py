@@ -4,6 +4,10 @@ Importing this package registers ``BACKENDS['triton']`` in :mod:`lola_train.mode
 ``hybrid_attention(..., backend='auto')`` uses the kernels for CUDA tensors and ``backend='triton'`` forces them.
 On CPU the kernels run only in Triton's interpreter: set ``TRITON_INTERPRET=1`` before importing this package
 (tests do); otherwise the 'triton' backend raises a clear error and 'auto'/'chunked' remain the CPU path.
+
+The LoLA inference kernels live in :mod:`lola_kernels.lola` (attention segment, self-recall error, fold); the
+LoLA cache (lola_train.modeling.lola_ops.lola_kernels_for) imports that module lazily under the same
+``attention.backend`` rules.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ else:
     from lola_train.modeling.hybrid_ops import BACKENDS
 
     from .hybrid import HybridAttentionTriton, default_block, hybrid_attention_triton, interpreting, supports
+    from .lola import fold_triton, lola_attend_triton, self_recall_error_triton
 
     def triton_backend(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64):
         """BACKENDS entry (registry signature); chunk_size belongs to the PyTorch path and is not used."""
@@ -26,4 +31,4 @@ else:
     BACKENDS["triton"] = triton_backend
 
     __all__ = ["HybridAttentionTriton", "hybrid_attention_triton", "triton_backend", "default_block", "interpreting",
-               "supports"]
+               "supports", "lola_attend_triton", "self_recall_error_triton", "fold_triton"]

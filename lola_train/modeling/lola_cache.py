@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from .attention_config import AttentionConfig, ConfigError, check_choice, check_positive, from_mapping
 from .lola_ops import (GQA_SELECTIONS, MIXINGS, WINDOW_MODES, evict_before, expand_heads, fuse, in_window,
-                       recent_capacity, select_and_fold)
+                       lola_kernels_for, recent_capacity, select_and_fold)
 
 
 @dataclass
@@ -304,7 +304,8 @@ class LolaLayer(CacheLayerMixin):
         cand_pos = torch.cat([self.cache_pos, new_pos[:, None, :].expand(-1, heads_s, -1)], dim=2)
         self.cache_k, self.cache_v, self.cache_pos = select_and_fold(
             cand_k, cand_v, cand_pos, attn.feature_map_k, self.h_state, self.s_state,
-            global_size=cfg.global_size, gqa_selection=cfg.gqa_selection, eps=cfg.eps)
+            global_size=cfg.global_size, gqa_selection=cfg.gqa_selection, eps=cfg.eps,
+            backend=attn.attention_config.backend)
         self.first_live = limit
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
@@ -328,24 +329,35 @@ class LolaLayer(CacheLayerMixin):
         soft_recent = win[None] & live[:, None, :]                                  # [B,Lq,R]
         lin_recent = (causal & ~win)[None] & live[:, None, :]
 
-        qf = q.float()
-        rk, rv = expand_heads(self.recent_k, h).float(), expand_heads(self.recent_v, h).float()
-        ck, cv = expand_heads(self.cache_k, h).float(), expand_heads(self.cache_v, h).float()
-        logits = torch.cat([qf @ rk.transpose(-1, -2), qf @ ck.transpose(-1, -2)], dim=-1) / d ** 0.5
+        kernels = lola_kernels_for(q, attn.attention_config.backend, d, self.h_state.shape[-2])
         cache_ok = expand_heads(self.cache_pos >= 0, h)[:, :, None, :].expand(-1, -1, q.shape[2], -1)
         soft_mask = torch.cat([soft_recent[:, None].expand(-1, h, -1, -1), cache_ok], dim=-1)
 
         fq = attn.feature_map_q(q).float()
-        lin_num, lin_den = fq @ self.h_state, fq @ self.s_state.unsqueeze(-1)
+        extra_num = extra_den = None
         cols = torch.nonzero(lin_recent.any(1).any(0)).flatten()
         if cols.numel():  # recent pairs out of the window but not yet scored: linear, phi_k recomputed
             lo, hi = int(cols[0]), int(cols[-1]) + 1
             fk = attn.feature_map_k(expand_heads(self.recent_k[:, :, lo:hi], h)).float()
             scores = (fq @ fk.transpose(-1, -2)) * lin_recent[:, None, :, lo:hi]
-            lin_num = lin_num + scores @ rv[:, :, lo:hi]
-            lin_den = lin_den + scores.sum(-1, keepdim=True)
+            extra_num = scores @ expand_heads(self.recent_v[:, :, lo:hi], h).float()
+            extra_den = scores.sum(-1)
         sigma, ell = attn.mixing_factors()
-        return fuse(logits, soft_mask, torch.cat([rv, cv], dim=2), lin_num, lin_den.squeeze(-1), sigma, ell,
+        if kernels is not None:  # Triton: softmax set + fq @ (H, s) + the extra linear terms in one kernel
+            heads_s = self.cache_k.shape[1]
+            soft_k = torch.cat([expand_heads(self.recent_k, heads_s), self.cache_k], dim=2)
+            soft_v = torch.cat([expand_heads(self.recent_v, heads_s), self.cache_v], dim=2)
+            return kernels.lola_attend_triton(q, soft_k, soft_v, soft_mask, fq, self.h_state, self.s_state, sigma,
+                                              ell, mixing=cfg.mixing, eps=cfg.eps, lin_num=extra_num,
+                                              lin_den=extra_den)
+        qf = q.float()
+        rk, rv = expand_heads(self.recent_k, h).float(), expand_heads(self.recent_v, h).float()
+        ck, cv = expand_heads(self.cache_k, h).float(), expand_heads(self.cache_v, h).float()
+        logits = torch.cat([qf @ rk.transpose(-1, -2), qf @ ck.transpose(-1, -2)], dim=-1) / d ** 0.5
+        lin_num, lin_den = fq @ self.h_state, (fq @ self.s_state.unsqueeze(-1)).squeeze(-1)
+        if extra_num is not None:
+            lin_num, lin_den = lin_num + extra_num, lin_den + extra_den
+        return fuse(logits, soft_mask, torch.cat([rv, cv], dim=2), lin_num, lin_den, sigma, ell,
                     mixing=cfg.mixing, eps=cfg.eps)
 
 

@@ -98,31 +98,59 @@ def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, feature_width: int = 0):
+    """The Triton LoLA kernels (module ``lola_kernels.lola``) when they should run for tensors like ``x``, else
+    None (the PyTorch path). ``backend`` is ``attention.backend``: 'auto' uses them for CUDA tensors when
+    lola_kernels imports and takes these widths; 'chunked'/'reference' never; 'triton' always (an error if
+    lola_kernels is missing; the kernels themselves refuse CPU tensors outside Triton's interpreter).
+    Imported lazily: this file is copied into exported checkpoints, which must work without triton."""
+    if backend in ("chunked", "reference") or (backend == "auto" and not x.is_cuda):
+        return None
+    try:
+        from lola_kernels import lola as kernels
+    except ImportError:
+        if backend == "triton":
+            raise ValueError("attention.backend='triton' needs the lola_kernels package and triton "
+                             "(pip install 'lola-train[triton]'); or choose 'auto' or 'chunked'") from None
+        return None
+    if backend == "auto" and not kernels.supports(head_dim, feature_width):
+        return None
+    return kernels
+
+
 def select_and_fold(cand_k, cand_v, cand_pos, feature_map_k, h_state, s_state, *, global_size: int,
-                    gqa_selection: str = "query_head", eps: float = 1e-6):
+                    gqa_selection: str = "query_head", eps: float = 1e-6, backend: str = "auto"):
     """One cache update (spec 4.2 'update', 4.5).
 
     cand_k, cand_v [B,Hs,N,d]: the current cache followed by the pairs leaving the window; cand_pos [B,Hs,N]
     (absolute position, -1 = empty slot or padding); feature_map_k maps [B,H,N,d] -> [B,H,N,D];
-    h_state [B,H,D,d], s_state [B,H,D] float32, updated in place.
+    h_state [B,H,D,d], s_state [B,H,D] float32, updated in place. ``backend`` (attention.backend) picks the
+    Triton kernels for the scores and the fold (:func:`lola_kernels_for`); the selection is torch.topk.
     Returns the new cache (k, v [B,Hs,G,d], pos [B,Hs,G]) with G = global_size; empty slots have pos -1.
     """
     heads = h_state.shape[1]
     groups = heads // cand_k.shape[1]
     valid = cand_pos >= 0
     fk = feature_map_k(expand_heads(cand_k, heads)).float() * expand_heads(valid, heads).unsqueeze(-1)
-    vq = expand_heads(cand_v, heads).float()
+    kernels = lola_kernels_for(fk, backend, h_state.shape[-1], h_state.shape[-2])
+    vq = cand_v if kernels is not None else expand_heads(cand_v, heads).float()
     if global_size > 0:
-        sre = self_recall_error(fk, vq, h_state, s_state, eps)
+        if kernels is not None:
+            sre = kernels.self_recall_error_triton(fk, cand_v, h_state, s_state, eps)
+        else:
+            sre = self_recall_error(fk, vq, h_state, s_state, eps)
         score = group_scores(sre, groups, gqa_selection).masked_fill(~valid, float("-inf"))
         idx = score.topk(global_size, dim=-1).indices                   # [B,Hs,G]
         kept = torch.zeros_like(valid).scatter_(-1, idx, True) & valid
     else:
         idx = cand_pos.new_zeros(cand_pos.shape[:-1] + (0,), dtype=torch.long)
         kept = torch.zeros_like(valid)
-    fold = expand_heads(valid & ~kept, heads).unsqueeze(-1).float()    # [B,H,N,1]
-    h_state += (fk * fold).transpose(-1, -2) @ vq
-    s_state += (fk * fold).sum(2)
+    if kernels is not None:
+        kernels.fold_triton(fk, cand_v, valid & ~kept, h_state, s_state)
+    else:
+        fold = expand_heads(valid & ~kept, heads).unsqueeze(-1).float()    # [B,H,N,1]
+        h_state += (fk * fold).transpose(-1, -2) @ vq
+        s_state += (fk * fold).sum(2)
     gather = idx.unsqueeze(-1).expand(-1, -1, -1, cand_k.shape[-1])
     return cand_k.gather(2, gather), cand_v.gather(2, gather), cand_pos.gather(2, idx)
 

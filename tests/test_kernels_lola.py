@@ -1,0 +1,291 @@
+"""Triton LoLA inference kernels (lola_kernels.lola) against the PyTorch functions of lola_ops: the attention
+segment vs ``fuse``, the self-recall error vs ``self_recall_error``, the fold vs ``select_and_fold``'s state
+update, and one LolaLayer run with backend 'triton' vs 'chunked'.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, tests/conftest.py), so shapes stay
+small. With CUDA the same tests run the compiled kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is imported; conftest sets it for the whole session
+
+pytest.importorskip("triton")
+
+import lola_kernels  # noqa: E402
+import lola_kernels.lola as kl  # noqa: E402
+from lola_train.modeling.lola_ops import expand_heads, fuse, select_and_fold, self_recall_error  # noqa: E402
+
+if DEVICE == "cpu" and not kl.interpreting():
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on this "
+                       "CPU-only machine; set TRITON_INTERPRET=1 in the environment (tests/conftest.py does)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_close(got, want, tol, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got.float() - want.float()).abs().max().item()
+    bound = tol * max(1.0, want.float().abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def features(g, *shape):
+    return torch.softmax(torch.randn(*shape, generator=g), -1)  # Hedgehog-like positive features
+
+
+def attend_inputs(b, h, hk, lq, m, d, feat, *, mask_heads, scale=1.0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g) * scale
+    k = torch.randn(b, hk, m, d, generator=g) * scale
+    v = torch.randn(b, hk, m, d, generator=g)
+    mask = torch.rand(b, mask_heads, lq, m, generator=g) < 0.4
+    mask[:, :, ::5] = False                  # fully masked rows: only the linear memory (or nothing) is seen
+    fq = features(g, b, h, lq, feat)
+    fk = features(g, b, h, 40, feat)         # a state built from 40 folded pairs
+    hv = torch.randn(b, h, 40, d, generator=g)
+    h_state = fk.transpose(-1, -2) @ hv
+    s_state = fk.sum(2)
+    lin_num = features(g, b, h, lq, 7) @ torch.randn(b, h, 7, d, generator=g)
+    lin_den = torch.rand(b, h, lq, generator=g) * 3
+    sigma = torch.rand(h, generator=g) * 0.8 + 0.1
+    ell = torch.rand(h, generator=g) + 0.5
+    cast = [t.to(DEVICE, dtype) for t in (q, k, v)]
+    rest = [t.to(DEVICE) for t in (mask, fq, h_state, s_state, sigma, ell, lin_num, lin_den)]
+    return cast + rest
+
+
+def attend_reference(q, k, v, mask, fq, h_state, s_state, sigma, ell, lin_num, lin_den, mixing, eps=1e-6):
+    h, d = q.shape[1], q.shape[-1]
+    kf, vf = expand_heads(k, h).float(), expand_heads(v, h).float()
+    logits = (q.float() @ kf.transpose(-1, -2)) / math.sqrt(d)
+    num, den = fq @ h_state, (fq @ s_state.unsqueeze(-1)).squeeze(-1)
+    if lin_num is not None:
+        num, den = num + lin_num, den + lin_den
+    return fuse(logits, mask.expand(-1, h, -1, -1), vf, num, den, sigma, ell, mixing=mixing, eps=eps)
+
+
+ATTEND_CASES = [
+    # (b, h, hk, lq, m, d, D, mask_heads, extra linear terms, logit scale)
+    pytest.param(1, 2, 2, 1, 50, 64, 32, 2, False, 1.0, id="decode-d64"),
+    pytest.param(2, 4, 2, 1, 50, 128, 32, 4, True, 1.0, id="decode-d128-gqa"),
+    pytest.param(1, 2, 2, 37, 50, 64, 32, 1, True, 1.0, id="chunk37-d64-maskhead1"),
+    pytest.param(1, 4, 1, 37, 50, 128, 16, 4, False, 1.0, id="chunk37-d128-gqa4"),
+    pytest.param(1, 2, 2, 70, 83, 64, 128, 2, True, 3.0, id="chunk70-D128-large-logits"),
+]
+
+
+@pytest.mark.parametrize("mixing", ["lolcats", "lola_code"])
+@pytest.mark.parametrize("b,h,hk,lq,m,d,feat,mask_heads,extra,scale", ATTEND_CASES)
+def test_attend_matches_fuse(b, h, hk, lq, m, d, feat, mask_heads, extra, scale, mixing):
+    q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld = attend_inputs(b, h, hk, lq, m, d, feat, mask_heads=mask_heads,
+                                                                  scale=scale)
+    if not extra:
+        ln = ld = None
+    got = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln, lin_den=ld)
+    want = attend_reference(q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld, mixing)
+    assert_close(got, want, 2e-5, f"y ({mixing})")
+
+
+def test_attend_max_over_softmax_set_only():
+    """Trap T1: a huge logit on a masked key must not shift the max (the linear terms stay unshifted), and a row
+    whose softmax set is empty gives exactly its linear read-out."""
+    q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld = attend_inputs(1, 2, 2, 5, 20, 64, 32, mask_heads=2)
+    k[:, :, 3] = q[:, :, 0].mean(1, keepdim=True) * 40   # key 3: logit far above the others
+    mask[:, :, :, 3] = False
+    mask[:, :, 1] = False                                  # row 1: no softmax key at all
+    for mixing in ("lolcats", "lola_code"):
+        got = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln, lin_den=ld)
+        want = attend_reference(q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld, mixing)
+        assert_close(got, want, 2e-5, f"y ({mixing})")
+    lin = (fq @ hs + ln) / ((fq @ ss.unsqueeze(-1)).squeeze(-1) + ld).unsqueeze(-1)
+    got = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, lin_num=ln, lin_den=ld)
+    assert_close(got[:, :, 1], lin[:, :, 1], 2e-5, "empty softmax row = linear read-out")
+
+
+def test_lola_code_very_negative_logits_stay_finite():
+    """'lola_code' is stabilised with c = max(m, 0), not m: with every softmax logit near -120, e^{-m} would
+    overflow fp32 and give inf/inf; fuse (and the kernel) keep the linear terms at scale e^0."""
+    q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld = attend_inputs(1, 2, 2, 4, 12, 64, 32, mask_heads=2)
+    k[:] = -15 * q[:, :, 1:2] + 0.01 * k   # row 1: logits about -15 |q|^2 / 8 ~ -120
+    mask[:, :, 1] = False
+    mask[:, :, 1, :5] = True
+    got = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, mixing="lola_code", lin_num=ln, lin_den=ld)
+    want = attend_reference(q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld, "lola_code")
+    assert torch.isfinite(want).all()
+    assert_close(got, want, 2e-5, "y (lola_code, logits ~ -120)")
+
+
+def test_attend_bf16_inputs():
+    q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld = attend_inputs(1, 2, 1, 9, 30, 64, 32, mask_heads=1,
+                                                                  dtype=torch.bfloat16)
+    got = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, lin_num=ln, lin_den=ld)
+    assert got.dtype == torch.float32
+    assert_close(got, attend_reference(q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld, "lolcats"), 2e-5, "y bf16")
+
+
+def state_inputs(b, h, hv, n, d, feat, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fk = features(g, b, h, n, feat)
+    v = torch.randn(b, hv, n, d, generator=g)
+    old = features(g, b, h, 30, feat)
+    h_state = old.transpose(-1, -2) @ torch.randn(b, h, 30, d, generator=g)
+    s_state = old.sum(2)
+    fold = torch.rand(b, hv, n, generator=g) < 0.5
+    return [t.to(DEVICE) for t in (fk, v, h_state, s_state, fold)]
+
+
+STATE_CASES = [
+    # (b, h, hv, n, d, D)
+    pytest.param(1, 2, 2, 23, 64, 32, id="N23-d64"),
+    pytest.param(2, 4, 2, 23, 128, 128, id="N23-d128-D128-gqa"),
+    pytest.param(1, 2, 1, 70, 64, 16, id="N70-gqa2"),
+]
+
+
+@pytest.mark.parametrize("b,h,hv,n,d,feat", STATE_CASES)
+def test_self_recall_error_matches(b, h, hv, n, d, feat):
+    fk, v, hs, ss, _ = state_inputs(b, h, hv, n, d, feat)
+    got = kl.self_recall_error_triton(fk, v, hs, ss, 1e-6)
+    want = self_recall_error(fk, expand_heads(v, h), hs, ss, 1e-6)
+    assert_close(got, want, 2e-5, "sre")
+    empty = kl.self_recall_error_triton(fk, v, torch.zeros_like(hs), torch.zeros_like(ss))  # empty state: ||v||^2
+    assert_close(empty, (expand_heads(v, h) ** 2).sum(-1), 2e-5, "sre under an empty state")
+
+
+@pytest.mark.parametrize("b,h,hv,n,d,feat", STATE_CASES)
+def test_fold_matches(b, h, hv, n, d, feat):
+    fk, v, hs, ss, fold = state_inputs(b, h, hv, n, d, feat)
+    want_h, want_s = hs.clone(), ss.clone()
+    f = expand_heads(fold, h).unsqueeze(-1).float()
+    want_h += (fk * f).transpose(-1, -2) @ expand_heads(v, h)
+    want_s += (fk * f).sum(2)
+    got_h, got_s = hs.clone(), ss.clone()
+    kl.fold_triton(fk, v, fold, got_h, got_s)
+    assert_close(got_h, want_h, 2e-5, "H")
+    assert_close(got_s, want_s, 2e-5, "s")
+    assert (got_h - hs).abs().max() > 1e-3  # something was folded
+
+
+def test_fold_non_contiguous_state_updated_in_place():
+    fk, v, hs, ss, fold = state_inputs(1, 2, 2, 23, 64, 32)
+    big = torch.zeros(1, 4, 32, 64, device=DEVICE)
+    view = big[:, ::2]  # non-contiguous view: the update must land in it
+    view += hs
+    kl.fold_triton(fk, v, fold, view, ss.clone())
+    want = hs + (fk * fold.unsqueeze(-1).float()).transpose(-1, -2) @ v
+    assert_close(big[:, ::2], want, 2e-5, "H through a view")
+    assert big[:, 1::2].abs().max() == 0
+
+
+def test_clear_errors():
+    q, k, v, mask, fq, hs, ss, sigma, ell, _, _ = attend_inputs(1, 2, 2, 3, 10, 64, 32, mask_heads=2)
+    with pytest.raises(ValueError, match="mixing"):
+        kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, mixing="nope")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        kl.lola_attend_triton(q, k, v, mask[..., :5], fq, hs, ss, sigma, ell)
+    with pytest.raises(ValueError, match="h_state must be float32"):
+        kl.lola_attend_triton(q, k, v, mask, fq, hs.double(), ss, sigma, ell)
+    with pytest.raises(ValueError, match="k has 3 heads"):
+        kl.lola_attend_triton(q.repeat(1, 2, 1, 1), k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1),
+                              mask[:, :1], fq.repeat(1, 2, 1, 1), hs.repeat(1, 2, 1, 1), ss.repeat(1, 2, 1),
+                              sigma.repeat(2), ell.repeat(2))
+
+
+def test_select_and_fold_dispatch_matches_torch():
+    """select_and_fold with backend 'triton' (kernels for SRE and the fold, torch.topk between) == 'chunked'."""
+    g = torch.Generator().manual_seed(3)
+    b, h, hs_heads, n, d, feat = 2, 4, 2, 23, 64, 32
+    weight = torch.randn(h, d, feat, generator=g) * 0.3
+
+    def fmap(x):
+        return torch.softmax(torch.einsum("bhnd,hdf->bhnf", x.float(), weight.to(x.device)), -1)
+
+    cand_k = torch.randn(b, hs_heads, n, d, generator=g).to(DEVICE)
+    cand_v = torch.randn(b, hs_heads, n, d, generator=g).to(DEVICE)
+    cand_pos = torch.arange(n, dtype=torch.int32).repeat(b, hs_heads, 1).to(DEVICE)
+    cand_pos[0, :, 5:9] = -1
+    old = features(g, b, h, 30, feat).to(DEVICE)
+    h0, s0 = old.transpose(-1, -2) @ torch.randn(b, h, 30, d, generator=g).to(DEVICE), old.sum(2)
+    outs = {}
+    for backend in ("chunked", "triton"):
+        hs, ss = h0.clone(), s0.clone()
+        cache = select_and_fold(cand_k, cand_v, cand_pos, fmap, hs, ss, global_size=6, gqa_selection="kv_mean",
+                                backend=backend)
+        outs[backend] = (cache, hs, ss)
+    (ck0, cv0, cp0), h_ref, s_ref = outs["chunked"]
+    (ck1, cv1, cp1), h_got, s_got = outs["triton"]
+    assert torch.equal(cp0, cp1) and torch.equal(ck0, ck1) and torch.equal(cv0, cv1)
+    assert_close(h_got, h_ref, 2e-5, "H")
+    assert_close(s_got, s_ref, 2e-5, "s")
+
+
+def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
+    """A tiny LolaLayer run (prefill in chunks with cache updates, then decode steps) with attention.backend
+    'triton' (the kernels, counted) against 'chunked' (the PyTorch path)."""
+    from lola_train.convert import convert
+    from lola_train.models import load_model
+    from lola_train.modeling.lola_cache import LolaCacheConfig, LolaLayer
+
+    h, hk, d, w = 4, 2, 64, 4
+    torch.manual_seed(0)
+    model, _ = load_model(random=dict(architecture="llama", vocab_size=32, hidden_size=h * d, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=h, num_key_value_heads=hk))
+    convert(model, dict(feature_dim=8, window_size=w, chunk_size=w))
+    attn = model.model.layers[0].self_attn.to(DEVICE)
+    with torch.no_grad():
+        attn.window_factors.normal_()
+        attn.feature_map_k.weight.normal_()
+    g = torch.Generator().manual_seed(1)
+    length = 15
+    q = torch.randn(2, h, length, d, generator=g).to(DEVICE)
+    k = torch.randn(2, hk, length, d, generator=g).to(DEVICE)
+    v = torch.randn(2, hk, length, d, generator=g).to(DEVICE)
+    mask = torch.ones(2, length, dtype=torch.bool, device=DEVICE)
+    mask[1, :3] = False  # left padding
+
+    calls = {}
+    for name in ("lola_attend_triton", "self_recall_error_triton", "fold_triton"):
+        fn = getattr(kl, name)
+
+        def counted(*a, _fn=fn, _name=name, **kw):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **kw)
+        monkeypatch.setattr(kl, name, counted)
+
+    results = {}
+    for mixing, gqa in (("lolcats", "query_head"), ("lola_code", "kv_max")):  # cache per query head / per KV head
+        settings = LolaCacheConfig(window=w, global_size=3, chunk_size=w, mixing=mixing, gqa_selection=gqa)
+        for backend in ("chunked", "triton"):
+            monkeypatch.setattr(attn.attention_config, "backend", backend)
+            lay = LolaLayer(settings)
+            with torch.no_grad():
+                ys = [lay.attend(attn, q[:, :, :11], k[:, :, :11], v[:, :, :11], mask[:, :11])]
+                for t in range(11, length):  # decode steps
+                    ys.append(lay.attend(attn, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], mask[:, t:t + 1]))
+            results[backend] = (torch.cat(ys, 2), lay)
+        (y0, lay0), (y1, lay1) = results["chunked"], results["triton"]
+        assert_close(y1, y0, 5e-5, f"y ({mixing})")
+        assert torch.equal(lay0.cache_pos, lay1.cache_pos)
+        assert_close(lay1.h_state, lay0.h_state, 5e-5, "H")
+        assert_close(lay1.s_state, lay0.s_state, 5e-5, "s")
+    assert calls.get("lola_attend_triton", 0) >= 2 * 7, calls  # 3 prefill segments + 4 decode steps per mixing
+    assert calls.get("self_recall_error_triton", 0) > 0 and calls.get("fold_triton", 0) > 0, calls
+
+
+def test_registered():
+    assert lola_kernels.lola_attend_triton is kl.lola_attend_triton
