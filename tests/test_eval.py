@@ -184,12 +184,20 @@ def test_lm_eval_lola_model_on_local_task(tiny_dir):
 
 def test_lm_eval_lola_model_rejects_bad_args(tiny_dir):
     pytest.importorskip("lm_eval")
-    from lola_eval.harness import evaluate
+    from lm_eval.api.registry import get_model
 
+    from lola_eval.harness import register
+
+    register()
+    lola = get_model("lola")
     with pytest.raises(ValueError, match="cache=lola needs a linearized model"):
-        evaluate("lola", ["piqa_local"], limit=1, model_args=f"pretrained={tiny_dir},cache=lola")
+        lola.create_from_arg_string(f"pretrained={tiny_dir},cache=lola", {})
     with pytest.raises(ValueError, match="add cache=lola"):
-        evaluate("lola", ["piqa_local"], limit=1, model_args=f"pretrained={tiny_dir},convert=true,window=16")
+        lola.create_from_arg_string(f"pretrained={tiny_dir},convert=true,window=16", {})
+    with pytest.raises(ValueError, match="cache='kv' is not valid"):
+        lola.create_from_arg_string(f"pretrained={tiny_dir},cache=kv", {})
+    with pytest.raises(ValueError, match="recipe= only applies with convert=true"):
+        lola.create_from_arg_string(f"pretrained={tiny_dir},recipe=smollm2", {})
 
 
 def test_perplexity_streamed_equals_one_forward(tiny_dir, tokenizer):
