@@ -1,4 +1,4 @@
-"""Compile the hybrid-attention kernels for an NVIDIA target without a GPU (Triton -> PTX -> cubin with ptxas).
+"""Compile the hybrid-attention and LoLA kernels for an NVIDIA target without a GPU (Triton -> PTX -> cubin with ptxas).
 
 The interpreter checks the math on CPU; this checks what only the real compiler sees: types of loop-carried
 values, dot shapes, layouts, and the shared memory each kernel needs against the target's limit. Run it in a
@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import hybrid as kh
+from . import lola as kl
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in max)
 
@@ -83,6 +84,65 @@ def compile_kernels(head_dim: int, feature_width: int, *, arch: int = 90, io_dty
     return out
 
 
+_LOLA_INT_ARGS = {"Lq", "M", "N", "H", "G", "GF", "d", "D", "msb", "msh", "msq", "msm", "fsb", "fsh", "fsn"}
+
+
+def _lola_signature(kernel, io_dtype: str, constexprs: dict) -> dict:
+    """LoLA kernels: q/k/v in io_dtype, masks int8, feature maps, states and outputs fp32."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _LOLA_INT_ARGS:
+            sig[name] = "i32"
+        elif name in ("scale", "eps"):
+            sig[name] = "fp32"
+        elif name in ("Q", "K", "V"):
+            sig[name] = f"*{io_dtype}"
+        elif name in ("MASK", "F"):
+            sig[name] = "*i8"
+        else:
+            sig[name] = "*fp32"
+    return sig
+
+
+def lola_configurations(head_dim: int, feature_width: int, precision: str = "ieee"):
+    """(kernel, constexprs, num_warps) of lola.py as launched: the attention segment for a decode token and for
+    a prefill chunk (both mixings, with the extra linear terms), the self-recall error and the fold."""
+    dh, df = kl._pow2(head_dim), kl._pow2(feature_width)
+    out = []
+    for lq in (1, 64):
+        bq, bm = kl.attend_blocks(lq, head_dim)
+        for mixing in (0, 1):
+            out.append((kl._lola_attn_kernel, dict(MIXING=mixing, HAS_LIN=True, BQ=bq, BM=bm, DH=dh, DF=df,
+                                                   PREC=precision), 4))
+    out.append((kl._sre_kernel, dict(BN=32, DH=dh, DF=df, PREC=precision), 4))
+    out.append((kl._fold_kernel, dict(BN=32, BD=min(df, 64), BV=min(dh, 64), PREC=precision), 4))
+    return out
+
+
+def compile_lola_kernels(head_dim: int, feature_width: int, *, arch: int = 90, io_dtype: str = "bf16",
+                         precision: str = "ieee") -> list[dict]:
+    """Compile the LoLA inference kernels (lola.py) to cubins for sm_<arch>; rows as :func:`compile_kernels`."""
+    if kh.interpreting():
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels were decorated for the interpreter and cannot "
+                           "be compiled; run this in a process without it")
+    target = GPUTarget("cuda", arch, 32)
+    out = []
+    for kernel, constexprs, num_warps in lola_configurations(head_dim, feature_width, precision):
+        src = ASTSource(fn=kernel, signature=_lola_signature(kernel, io_dtype, constexprs), constexprs=constexprs)
+        compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
+        assert "cubin" in compiled.asm, f"{kernel.__name__}: no cubin produced"
+        name = kernel.__name__
+        if "BQ" in constexprs:
+            name += f"[BQ={constexprs['BQ']},{'lolcats' if constexprs['MIXING'] == 0 else 'lola_code'}]"
+        out.append(dict(kernel=name, head_dim=head_dim, feature_width=feature_width, arch=arch,
+                        io_dtype=io_dtype, has_mask=True, layout="lola", precision=precision,
+                        num_warps=num_warps, shared_bytes=compiled.metadata.shared,
+                        shared_limit=SHARED_LIMIT.get(arch)))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -98,6 +158,7 @@ def main(argv=None) -> int:
         for layout in (0, 1):
             rows += compile_kernels(d, f, arch=args.arch, io_dtype=args.io_dtype, layout=layout,
                                     precision=args.precision)
+        rows += compile_lola_kernels(d, f, arch=args.arch, io_dtype=args.io_dtype, precision=args.precision)
     for r in rows:
         if r["shared_limit"] is not None and r["shared_bytes"] > r["shared_limit"]:
             too_big.append(r)

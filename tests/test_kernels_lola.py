@@ -289,3 +289,23 @@ def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
 
 def test_registered():
     assert lola_kernels.lola_attend_triton is kl.lola_attend_triton
+
+
+def test_lola_kernels_compile_for_sm90(tmp_path):
+    """The LoLA kernels compile to sm_90 cubins (the interpreter cannot show this): d = 128, D = 128, the widest
+    configurations (decode and prefill blocks, both mixings, SRE, fold), in a process without TRITON_INTERPRET."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1")
+    code = ("import json; from lola_kernels import compile_check as cc; "
+            "print(json.dumps(cc.compile_lola_kernels(128, 128, arch=90, io_dtype='bf16')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {r["kernel"].split("[")[0] for r in rows} == {"_lola_attn_kernel", "_sre_kernel", "_fold_kernel"}
+    assert len(rows) == 6
+    for r in rows:
+        assert 0 < r["shared_bytes"] <= r["shared_limit"], r
