@@ -28,12 +28,7 @@ if DEVICE == "cpu" and not kl.interpreting():
                        "CPU-only machine; set TRITON_INTERPRET=1 in the environment (tests/conftest.py does)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close(got, want, tol, what):

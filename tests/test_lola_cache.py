@@ -14,13 +14,7 @@ from lola_train.modeling.lola_ops import lola_reference, self_recall_error
 B, H, HK, D_HEAD, W = 2, 4, 2, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine are far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

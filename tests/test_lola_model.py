@@ -20,12 +20,7 @@ SPEC = dict(architecture="llama", vocab_size=64, hidden_size=32, intermediate_si
 ATTN = dict(feature_dim=8, window_size=4, chunk_size=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0, **overrides):

@@ -11,12 +11,7 @@ from lola_train.modeling.lola_cache import LolaCacheConfig, LolaLayer
 D, PLANTED, DISTRACTORS = 8, 4, 96
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recall(global_size: int, mixing: str = "lolcats"):
