@@ -33,6 +33,10 @@ class LolaMixin:
 
     _keep_in_fp32_modules = FP32_MODULES
 
+    def __init__(self, config):
+        super().__init__(config)  # the base architecture (next in the MRO) builds its softmax layers
+        self._swap_in_hybrid_attention()
+
     def _swap_in_hybrid_attention(self) -> None:
         lola = getattr(self.config, "lola_attention", None)
         if lola is None:
@@ -44,33 +48,17 @@ class LolaMixin:
 class LolaLlamaForCausalLM(LolaMixin, LlamaForCausalLM):
     config_class = LolaLlamaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._swap_in_hybrid_attention()
-
 
 class LolaMistralForCausalLM(LolaMixin, MistralForCausalLM):
     config_class = LolaMistralConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._swap_in_hybrid_attention()
 
 
 class LolaQwen2ForCausalLM(LolaMixin, Qwen2ForCausalLM):
     config_class = LolaQwen2Config
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._swap_in_hybrid_attention()
-
 
 class LolaQwen3ForCausalLM(LolaMixin, Qwen3ForCausalLM):
     config_class = LolaQwen3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._swap_in_hybrid_attention()
 
 
 LOLA_MODELS = {"llama": LolaLlamaForCausalLM, "mistral": LolaMistralForCausalLM, "qwen2": LolaQwen2ForCausalLM,
