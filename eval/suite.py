@@ -139,9 +139,11 @@ def format_results(data: dict, *, kv_per_token: int | None = None) -> str:
                 norm = f" / {m['acc_norm']:.3f}" if "acc_norm" in m else ""
                 cells.append(f"{m.get('acc', float('nan')):.3f}{norm} ({r['n'].get(t)})" if m else "")
             if r["cache"] == "full":
-                mem = f"KV: {kv_per_token / 1024:.0f} KiB/token" if kv_per_token else "KV (grows)"
-            else:
-                mem = "constant (see passkey/perplexity rows)"
+                mem = f"KV: {kv_per_token / 1024:.1f} KiB per token" if kv_per_token else "KV (grows)"
+            else:  # LoLA state: constant, measured in the passkey / perplexity runs of the same (model, cache)
+                known = [x["cache_bytes_per_seq"] for x in data["passkey"] + data["perplexity"]
+                         if x["model"] == r["model"] and x["cache"] == r["cache"] and x["cache_bytes_per_seq"]]
+                mem = f"{_mib(max(known))} MiB (constant)" if known else "constant"
             lines.append(f"| {r['model']} | {r['cache']} | " + " | ".join(cells) + f" | {mem} |")
         parts += ["### lm-eval (local offline tasks, 0-shot)", "", *lines, ""]
     if data["perplexity"]:
