@@ -13,7 +13,8 @@ A *cache* names how the model remembers the context during evaluation:
     full         transformers' DynamicCache: the teacher's KV cache, or for a linearized model the exact hybrid
                  layer with every key kept (memory grows with the context)
     lola:W:G     the LoLA constant-memory cache: softmax window W, sparse global cache of G pairs, linear state
-                 (G=0 is the plain linearized model: window + linear state only)
+                 (G=0 is the plain linearized model: window + linear state only), with the trained fusion
+    lola:W:G:lola_code   the same with the LoLA reference code's fusion (lola_cache.mixing, spec 4.4)
 
 The LoLA cache is switched on through ``model.config.lola_cache`` (``lola_train.lola.enable_lola_cache``), so it
 applies to every cache transformers creates (``generate()``, forwards with ``use_cache``) and works the same for
@@ -33,16 +34,18 @@ from torch import nn
 from lola_train.modeling.attention_config import AttentionConfig
 from lola_train.modeling.lola_cache import LolaCacheConfig
 
-CACHE_RE = re.compile(r"^lola:(\d+):(\d+)$")
+CACHE_RE = re.compile(r"^lola:(\d+):(\d+)(?::([a-z_]+))?$")
 
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """'full' (DynamicCache) or LoLA with ``window`` W and ``global_size`` G (see the module docstring)."""
+    """'full' (DynamicCache) or LoLA with ``window`` W, ``global_size`` G and ``mixing`` (see the module
+    docstring)."""
 
     kind: str = "full"
     window: Optional[int] = None
     global_size: int = 0
+    mixing: str = "lolcats"
 
     @classmethod
     def parse(cls, text: str) -> "CacheSpec":
@@ -52,18 +55,25 @@ class CacheSpec:
         m = CACHE_RE.match(text)
         if not m:
             raise ValueError(f"cache spec {text!r} is not valid; use 'full' (growing KV cache) or 'lola:W:G' "
-                             "(window W, global cache G pairs), e.g. lola:64:256")
-        window, g = int(m.group(1)), int(m.group(2))
+                             "(window W, global cache G pairs) with an optional ':lola_code' fusion, e.g. "
+                             "lola:64:256 or lola:64:256:lola_code")
+        window, g, mixing = int(m.group(1)), int(m.group(2)), m.group(3) or "lolcats"
         if window < 1:
             raise ValueError(f"cache spec {text!r}: the window W must be >= 1")
-        return cls("lola", window, g)
+        LolaCacheConfig(window=window, global_size=g, mixing=mixing)  # names the bad field, e.g. the mixing
+        return cls("lola", window, g, mixing)
 
     @property
     def label(self) -> str:
-        return "full" if self.kind == "full" else f"lola:{self.window}:{self.global_size}"
+        if self.kind == "full":
+            return "full"
+        suffix = "" if self.mixing == "lolcats" else f":{self.mixing}"
+        return f"lola:{self.window}:{self.global_size}{suffix}"
 
     def lola_settings(self) -> Optional[LolaCacheConfig]:
-        return None if self.kind == "full" else LolaCacheConfig(window=self.window, global_size=self.global_size)
+        if self.kind == "full":
+            return None
+        return LolaCacheConfig(window=self.window, global_size=self.global_size, mixing=self.mixing)
 
 
 def is_linearized(model: nn.Module) -> bool:
