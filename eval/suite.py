@@ -60,7 +60,10 @@ def run_lm_eval(args, label: str, source: str, cache: str, out: Path) -> None:
     model_args = f"pretrained={source.removeprefix('convert:')}"
     if source.startswith("convert:"):
         model_args += ",convert=true"
-    model_args += ",cache=none" if spec.kind == "full" else f",cache=lola,window={spec.window},global={spec.global_size}"
+    if spec.kind == "full":
+        model_args += ",cache=none"
+    else:
+        model_args += f",cache=lola,window={spec.window},global={spec.global_size},mixing={spec.mixing}"
     t0 = time.perf_counter()
     res = evaluate("lola", args.tasks.split(","), limit=args.limit, batch_size=args.batch_size,
                    model_args=model_args)

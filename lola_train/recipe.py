@@ -210,9 +210,9 @@ def validate_eval(e: EvalSection) -> None:
     for part in e.parts:
         check_choice("eval.parts[]", part, EVAL_PARTS)
     for cache in e.caches:
-        if cache != "full" and not re.fullmatch(r"lola:[1-9]\d*:\d+", cache):
-            raise ConfigError(f"eval.caches[]={cache!r} is not valid; use 'full' or 'lola:W:G' (window W >= 1, "
-                              "global cache G >= 0), e.g. lola:64:256")
+        if cache != "full" and not re.fullmatch(r"lola:[1-9]\d*:\d+(:lolcats|:lola_code)?", cache):
+            raise ConfigError(f"eval.caches[]={cache!r} is not valid; use 'full' or 'lola:W:G[:MIXING]' (window "
+                              "W >= 1, global cache G >= 0, mixing lolcats or lola_code), e.g. lola:64:256")
     for length in e.passkey_lengths:
         _check_positive("eval.passkey_lengths[]", length)
     _check_positive("eval.passkey_n", e.passkey_n)
