@@ -276,7 +276,10 @@ def load_recipe(args: Sequence[str]) -> Recipe:
                               OmegaConf.from_dotlist(overrides))
         recipe = OmegaConf.to_object(cfg)
     except ConfigKeyError as e:
-        raise ConfigError(f"unknown key {e.full_key!r}; valid keys here: {_valid_keys(e.full_key)}") from None
+        section = e.object_type if dataclasses.is_dataclass(e.object_type) else None
+        where = "" if section in (None, Recipe) or "." in str(e.full_key) else f" in a {section.__name__} entry"
+        raise ConfigError(f"unknown key {e.full_key!r}{where}; valid keys here: "
+                          f"{_valid_keys(e.full_key, section)}") from None
     except ValidationError as e:
         raise ConfigError(f"{e.full_key}: {e.msg.splitlines()[0]}") from None
     except OmegaConfBaseException as e:
@@ -284,15 +287,18 @@ def load_recipe(args: Sequence[str]) -> Recipe:
     return validate(recipe)
 
 
-def _valid_keys(full_key: str) -> str:
-    """The field names of the section that ``full_key`` points into (Optional[...] and List[...] unwrapped)."""
-    node: Any = Recipe
-    for part in full_key.split(".")[:-1]:
-        if not dataclasses.is_dataclass(node):
-            return "(none)"
-        node = typing.get_type_hints(node).get(part.split("[")[0])
-        while typing.get_origin(node) in (typing.Union, list, List):
-            node = next(a for a in typing.get_args(node) if a is not type(None))
+def _valid_keys(full_key: str, section: Any = None) -> str:
+    """The field names of the section ``full_key`` points into: ``section`` (the dataclass OmegaConf reports), else
+    found by walking the Recipe's type hints (Optional[...] and List[...] unwrapped)."""
+    node: Any = section
+    if node is None:
+        node = Recipe
+        for part in full_key.split(".")[:-1]:
+            if not dataclasses.is_dataclass(node):
+                return "(none)"
+            node = typing.get_type_hints(node).get(part.split("[")[0])
+            while typing.get_origin(node) in (typing.Union, list, List):
+                node = next(a for a in typing.get_args(node) if a is not type(None))
     return ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else "(none)"
 
 

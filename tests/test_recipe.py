@@ -69,3 +69,8 @@ def test_lola_cache_section_is_validated():
         load_recipe(["recipe=tiny", "lola_cache={mixing: zz}"])
     with pytest.raises(ConfigError, match="unknown key 'lola_cache.windw'; valid keys here: window, global_size"):
         load_recipe(["recipe=tiny", "lola_cache={windw: 3}"])
+
+
+def test_unknown_key_inside_a_list_entry_names_its_section():
+    with pytest.raises(ConfigError, match="unknown key 'pathh' in a DataSource entry; valid keys here: kind, path"):
+        load_recipe(["recipe=smollm2", "data.sources=[{kind: text, pathh: x}]"])
