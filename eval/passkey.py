@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
-import json
 import os
 import random
 import re
@@ -296,9 +295,9 @@ def write_results(out: Path, args, cells: Sequence[CellResult], wall: float) -> 
                          "max_new_tokens": MAX_NEW_TOKENS, "torch_threads": torch.get_num_threads()},
               "summary": rows, "cells": [{**asdict(c), "accuracy": c.accuracy} for c in cells],
               "wall_seconds": wall}
-    tmp = out / ".passkey.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "passkey.json")
+    from lola_train.atomic import write_json_atomic
+
+    write_json_atomic(out / "passkey.json", result)
     return rows
 
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +11,11 @@ import torch.nn.functional as F
 from .convert import convert, hybrid_layers, set_transfer_mode, transfer_parameters
 from .models import load_model
 from .recipe import Recipe, to_dict
+from .atomic import write_json_atomic
 
 PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. Linear attention replaces the softmax over all past "
               "tokens with a feature map, so the state has a fixed size while the sliding window keeps recent "
               "tokens exact. ")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def probe_ids(tokenizer, vocab_size: int, length: int = 256, seed: int = 0) -> torch.Tensor:
