@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .models import DTYPES
-from .modeling.attention_config import AttentionConfig, ConfigError, check_choice
+from .modeling.attention_config import AttentionConfig, ConfigError, check_choice, check_positive
 from .modeling.lola_cache import LolaCacheConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -155,11 +155,6 @@ TOKENIZERS = ("model", "bytes")
 TEMPLATES = ("alpaca", "chat")
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name}={value!r} is not valid; it must be a positive integer")
-
-
 def _check_range(name: str, value: float, low: float, high: float | None = None, *, low_open=False) -> None:
     bad = value <= low if low_open else value < low
     if bad or (high is not None and value > high):
@@ -170,11 +165,11 @@ def _check_range(name: str, value: float, low: float, high: float | None = None,
 
 def validate_train(prefix: str, t: TrainSection) -> None:
     for name in ("epochs", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "plateau_patience"):
-        _check_positive(f"{prefix}.{name}", getattr(t, name))
+        check_positive(f"{prefix}.{name}", getattr(t, name))
     if t.max_steps != -1:
-        _check_positive(f"{prefix}.max_steps (or -1 for epochs)", t.max_steps)
+        check_positive(f"{prefix}.max_steps (or -1 for epochs)", t.max_steps)
     if t.max_eval_batches is not None:
-        _check_positive(f"{prefix}.max_eval_batches", t.max_eval_batches)
+        check_positive(f"{prefix}.max_eval_batches", t.max_eval_batches)
     _check_range(f"{prefix}.lr", t.lr, 0.0, low_open=True)
     _check_range(f"{prefix}.weight_decay", t.weight_decay, 0.0)
     _check_range(f"{prefix}.grad_clip (0 disables)", t.grad_clip, 0.0)
@@ -195,11 +190,11 @@ def validate_data(d: DataSection) -> None:
             raise ConfigError(f"data.sources[{i}].path must be unset for kind={src.kind!r} (its text is built in); "
                               f"path is for kinds {', '.join(FILE_KINDS)}")
         if src.max_records is not None:
-            _check_positive(f"data.sources[{i}].max_records", src.max_records)
+            check_positive(f"data.sources[{i}].max_records", src.max_records)
     check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
     check_choice("data.template", d.template, TEMPLATES)
-    _check_positive("data.seq_len", d.seq_len)
-    _check_positive("data.val_records", d.val_records)
+    check_positive("data.seq_len", d.seq_len)
+    check_positive("data.val_records", d.val_records)
     if not isinstance(d.test_records, int) or d.test_records < 0:
         raise ConfigError(f"data.test_records={d.test_records!r} is not valid; it must be an integer >= 0")
 
@@ -214,9 +209,9 @@ def validate_eval(e: EvalSection) -> None:
             raise ConfigError(f"eval.caches[]={cache!r} is not valid; use 'full' or 'lola:W:G[:MIXING]' (window "
                               "W >= 1, global cache G >= 0, mixing lolcats or lola_code), e.g. lola:64:256")
     for length in e.passkey_lengths:
-        _check_positive("eval.passkey_lengths[]", length)
-    _check_positive("eval.passkey_n", e.passkey_n)
-    _check_positive("eval.limit", e.limit)
+        check_positive("eval.passkey_lengths[]", length)
+    check_positive("eval.passkey_n", e.passkey_n)
+    check_positive("eval.limit", e.limit)
 
 
 def validate(recipe: Recipe) -> Recipe:
@@ -237,7 +232,7 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.transfer.mse_factor == 0 and recipe.transfer.xent_factor == 0:
         raise ConfigError("transfer.mse_factor and transfer.xent_factor are both 0; set at least one > 0")
     ft = recipe.finetune
-    _check_positive("finetune.lora_r", ft.lora_r)
+    check_positive("finetune.lora_r", ft.lora_r)
     _check_range("finetune.lora_alpha", ft.lora_alpha, 0.0, low_open=True)
     _check_range("finetune.lora_dropout", ft.lora_dropout, 0.0, 1.0)
     if not ft.target_modules:
