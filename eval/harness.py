@@ -43,9 +43,9 @@ TASK_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASKS = ("piqa_local", "arc_easy_local", "arc_challenge_local", "hellaswag_local", "winogrande_local",
                "mmlu_local")
 CACHE_MODES = ("auto", "none", "lola")
-_LOLA_KEYS = {"window": "window", "global": "global_size", "global_size": "global_size", "chunk": "chunk_size",
-              "chunk_size": "chunk_size", "mixing": "mixing", "gqa": "gqa_selection",
-              "gqa_selection": "gqa_selection", "window_mode": "window_mode", "update_every": "update_every"}
+_LOLA_KEYS = ("window", "global", "global_size", "chunk", "chunk_size", "mixing", "gqa", "gqa_selection",
+              "window_mode", "update_every")
+"""model_args that are LoLA cache settings (LolaCacheConfig fields and their spec aliases)."""
 _registered = False
 
 
@@ -60,21 +60,12 @@ def _as_bool(name: str, value: Any) -> bool:
 
 
 def lola_settings_from_args(args: dict) -> dict:
-    """Pop the LoLA keys of ``args`` (model_args) into LolaCacheConfig fields (validated)."""
+    """Pop the LoLA keys of ``args`` (model_args) into LolaCacheConfig fields, parsed and validated as a LoLA
+    cache spec ('window=64 global=256 ...')."""
     from lola_train.modeling.lola_cache import LolaCacheConfig
 
-    fields: dict[str, Any] = {}
-    for key in list(args):
-        if key in _LOLA_KEYS:
-            value = args.pop(key)
-            name = _LOLA_KEYS[key]
-            if name in ("window", "global_size", "chunk_size") and value is not None:
-                try:
-                    value = int(value)
-                except (TypeError, ValueError):
-                    raise ValueError(f"model_args {key}={value!r} is not an integer") from None
-            fields[name] = value
-    return LolaCacheConfig(**fields).to_dict()
+    items = [f"{key}={args.pop(key)}" for key in list(args) if key in _LOLA_KEYS]
+    return LolaCacheConfig.from_spec(" ".join(items)).to_dict()
 
 
 def build_model(pretrained: str, *, convert: Any = False, recipe: str | None = None, cache: str = "auto",
