@@ -50,7 +50,17 @@ class AttentionConfig:
     window_layout:    'sw' (the current token and the W-1 before it) or 'tk' (terrace: blocks of W aligned to the
                       end of the sequence; the previous block plus the causal part of the current one).
     init_window_factor: w, initial logit of the per-head mixing factor sigma(w) (logit(0.1) published).
-    affine_attention_factors: if true the linear terms are weighted by 1 - sigma(w) instead of 1.
+    affine_attention_factors: if true the linear terms are weighted by 1 - sigma(w) instead of 1 ('lolcats'
+                      mixing only; 'lola_code' always weights them by 1 - sigma(w)).
+    mixing:           how the softmax block and the linear block are fused (see hybrid_ops):
+                      'lolcats' (spec 1.4: window terms sigma e^{s - m}, m the max over the softmax set, linear
+                      terms ell fq.fk, never shifted) or 'lola_code' (LoLA's fusion, spec 4.4 (b): softmax terms
+                      sigma e^{s} unshifted, linear terms (1 - sigma) fq.fk, + 1e-6 in the denominator; computed
+                      max-stabilised). The LoLA cache uses the trained mixing unless told otherwise.
+    sink_tokens:      S, the first S real (non-padding) tokens of every sequence are attention sinks: they are
+                      in the softmax set of every later query and never in the linear memory (0 = none,
+                      LoLCATs). The teacher puts much of its attention mass on them; a linear term cannot
+                      carry that mass past the training length.
     chunk_size:       C of the chunked PyTorch path (cost is linear in length for a fixed C and W).
     backend:          'auto' (chunked for prompts, reference for short queries; on CUDA the Triton kernels of
                       lola_kernels for prompts when triton is installed), 'reference', 'chunked' (forces the
@@ -66,12 +76,15 @@ class AttentionConfig:
     window_layout: str = "sw"
     init_window_factor: float = LOGIT_0_1
     affine_attention_factors: bool = False
+    mixing: str = "lolcats"
+    sink_tokens: int = 0
     chunk_size: int = 64
     backend: str = "auto"
 
     FEATURE_MAPS = ("softmax_dim", "elu", "relu")
     INITS = ("identity", "kaiming")
     LAYOUTS = ("sw", "tk")
+    MIXINGS = ("lolcats", "lola_code")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +97,10 @@ class AttentionConfig:
         check_choice(prefix + "feature_map", self.feature_map, self.FEATURE_MAPS)
         check_choice(prefix + "feature_map_init", self.feature_map_init, self.INITS)
         check_choice(prefix + "window_layout", self.window_layout, self.LAYOUTS)
+        check_choice(prefix + "mixing", self.mixing, self.MIXINGS)
+        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
+            raise ConfigError(f"{prefix}sink_tokens={self.sink_tokens!r} is not valid; it must be an integer >= 0 "
+                              "(0 = no attention sinks)")
         check_choice(prefix + "backend", self.backend, ("auto",) + tuple(BACKENDS))
         for name in ("feature_dim", "window_size", "chunk_size"):
             check_positive(prefix + name, getattr(self, name))

@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention_config import AttentionConfig
 from .feature_maps import FeatureMap
-from .hybrid_ops import hybrid_attention, hybrid_attention_reference
+from .hybrid_ops import hybrid_attention, hybrid_attention_reference, mixing_weights
 from .lola_cache import lola_layer
 
 
@@ -114,10 +114,9 @@ class HybridAttention(nn.Module):
         self.train(attn.training)  # follow the replaced module's train/eval mode (LoLA switches on in eval only)
 
     def mixing_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigma [H], ell [H]): weights of the softmax and linear terms."""
-        sigma = torch.sigmoid(self.window_factors.float())
-        ell = 1 - sigma if self.attention_config.affine_attention_factors else torch.ones_like(sigma)
-        return sigma, ell
+        """(sigma [H], ell [H]): weights of the softmax and linear terms of the trained mixing."""
+        cfg = self.attention_config
+        return mixing_weights(self.window_factors, cfg.mixing, cfg.affine_attention_factors)
 
     def project(self, hidden_states: torch.Tensor, position_embeddings):
         """hidden [B,L,hidden] -> q [B,H,L,d], k, v [B,H_kv,L,d], post-RoPE."""
@@ -161,7 +160,8 @@ class HybridAttention(nn.Module):
         sigma, ell = self.mixing_factors()
         if not self.transfer_mode:
             return hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
-                                    key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend)
+                                    key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend,
+                                    mixing=cfg.mixing, sink_tokens=cfg.sink_tokens)
         with torch.no_grad():
             y_teacher, a_teacher = softmax_teacher(q, k, v, key_mask, self.transfer_xent)
         rows = torch.ones(q.shape[0], q.shape[2], device=q.device) if key_mask is None else \
@@ -170,12 +170,14 @@ class HybridAttention(nn.Module):
         n_rows = rows.sum() * q.shape[1]
         if self.transfer_xent:
             y, a = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=cfg.window_size,
-                                              layout=cfg.window_layout, key_mask=key_mask, return_weights=True)
+                                              layout=cfg.window_layout, key_mask=key_mask, return_weights=True,
+                                              mixing=cfg.mixing, sink_tokens=cfg.sink_tokens)
             ce = -(a_teacher * torch.log(a.clamp_min(1e-12))).sum(-1, keepdim=True)
             self.transfer_losses = {"xent": (ce * rows).sum() / n_rows}
         else:
             y = hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
-                                 key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend)
+                                 key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend,
+                                 mixing=cfg.mixing, sink_tokens=cfg.sink_tokens)
             self.transfer_losses = {}
         se = ((y.float() - y_teacher) ** 2 * rows).sum()
         self.transfer_losses["mse"] = se / (n_rows * q.shape[-1])
@@ -184,4 +186,5 @@ class HybridAttention(nn.Module):
     def extra_repr(self) -> str:
         c = self.attention_config
         return (f"layer_idx={self.layer_idx}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
-                f"window={c.window_size} ({c.window_layout}), transfer_mode={self.transfer_mode}")
+                f"window={c.window_size} ({c.window_layout}), mixing={c.mixing}, sinks={c.sink_tokens}, "
+                f"transfer_mode={self.transfer_mode}")

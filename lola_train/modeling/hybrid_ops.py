@@ -12,14 +12,27 @@ The queries are the last Lq of the Lk key positions (offset o = Lk - Lq). ``key_
 token) removes padded keys from both memories. For query i (absolute position p = o + i) and key j:
 
     s_ij = q_i . k_j / sqrt(d)
-    m_i  = max_{j in Win(i)} s_ij                        (window only: trap T1, the shift is part of the model)
-    A_ij = sigma_h exp(s_ij - m_i)   if j in Win(i)
-         = ell_h  fq_i . fk_j         if j in Lin(i)      (never shifted)
-    y_i  = sum_j A_ij v_j / sum_j A_ij
+    J(i) = Win(i) u Sink(i)                              softmax set; Sink(i) = the first S real keys, j <= p
+    m_i  = max_{j in J(i)} s_ij                          (softmax set only: trap T1, the shift is part of the model)
 
-    'sw':  Win(i) = {j : p - W < j <= p},  Lin(i) = {j : j <= p - W}
+    mixing 'lolcats' (spec 1.4, LoLCATs):
+        A_ij = sigma_h exp(s_ij - m_i)   if j in J(i)
+             = ell_h  fq_i . fk_j         if j in Lin(i)   (never shifted)
+        y_i  = sum_j A_ij v_j / sum_j A_ij
+    mixing 'lola_code' (spec 4.4 (b), the LoLA code's fusion, here trainable):
+        A_ij = sigma_h exp(s_ij)         if j in J(i)      (unshifted: the softmax block's mass is e^{m_i} times
+             = ell_h  fq_i . fk_j         if j in Lin(i)    larger than in 'lolcats'; callers pass ell = 1 - sigma)
+        y_i  = sum_j A_ij v_j / (sum_j A_ij + 1e-6)
+        computed as (num e^{-c}) / (den e^{-c}) with c = max(m_i, 0), so no term overflows
+
+    'sw':  Win(i) = {j : p - W < j <= p},  Lin(i) = {j : j <= p - W} minus the sinks
     'tk':  blocks of W keys aligned to the END of the Lk keys (the first block is partial);
-           Win(i) = {j <= p : block(j) >= block(p) - 1},  Lin(i) = {j : block(j) <= block(p) - 2}
+           Win(i) = {j <= p : block(j) >= block(p) - 1},  Lin(i) = {j : block(j) <= block(p) - 2} minus the sinks
+
+Attention sinks (``sink_tokens`` S > 0): the first S real tokens of each row stay in the softmax set of every
+later query and never enter the linear memory. Without them the first token's large softmax mass (the attention
+sink of pretrained LLMs) must be carried by a linear term, which is bounded, and the model learns to inflate the
+whole linear block instead; past the training length that block then outweighs the window (spec 11).
 
 All arithmetic is float32; the output has q's dtype. Rows with no visible key (padded queries) return 0.
 """
@@ -51,13 +64,57 @@ def window_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, layout: 
     return win, causal & ~win
 
 
-def _combine(s, win, lin_scores, v, sigma, ell):
-    """y = (sigma sum_win e^{s-m} v + ell sum lin v) / (same without v), per row. Returns (A, y_num, y_den)."""
-    s = s.masked_fill(~win, float("-inf"))
+MIXINGS = ("lolcats", "lola_code")
+LOLA_CODE_EPS = 1e-6  # the LoLA code's denominator epsilon (spec 4.2 step 3)
+
+
+def mixing_weights(window_factors: torch.Tensor, mixing: str = "lolcats", affine: bool = False):
+    """(sigma, ell) [H] float32: weights of the softmax and linear terms for a mixing.
+
+    'lolcats': sigma = sigmoid(w), ell = 1 (or 1 - sigma with affine_attention_factors); 'lola_code': ell = 1 - sigma.
+    """
+    sigma = torch.sigmoid(window_factors.float())
+    if mixing == "lola_code" or (mixing == "lolcats" and affine):
+        return sigma, 1 - sigma
+    if mixing == "lolcats":
+        return sigma, torch.ones_like(sigma)
+    raise ValueError(f"attention.mixing={mixing!r} is not valid; choose one of {', '.join(map(repr, MIXINGS))}")
+
+
+def sink_keys(key_mask: torch.Tensor | None, batch: int, k_len: int, sink_tokens: int, device) -> torch.Tensor | None:
+    """Bool [B,Lk]: the first ``sink_tokens`` real keys of each row (None when there are no sinks)."""
+    if sink_tokens <= 0:
+        return None
+    real = torch.ones(batch, k_len, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
+    return real & (torch.cumsum(real.long(), dim=-1) <= sink_tokens)
+
+
+def _combine(s, soft, lin_scores, v, sigma, ell, mixing):
+    """Fuse one block of keys. s, soft, lin_scores [..., Lq, M], v [..., M, d]; sigma, ell broadcast per head.
+
+    Returns (A, num [..., Lq, d], den [..., Lq, 1], lin_scale [..., Lq, 1]): A are the terms of the module
+    docstring times ``lin_scale`` (1 for 'lolcats', e^{-c} for 'lola_code'), which the caller applies to any
+    further linear terms (the prefix state) and to the epsilon.
+    """
+    s = s.masked_fill(~soft, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = m.masked_fill(torch.isinf(m), 0.0)
-    a = sigma * torch.exp(s - m) + ell * lin_scores
-    return a, a @ v, a.sum(-1, keepdim=True)
+    if mixing == "lolcats":
+        lin_scale = torch.ones_like(m)
+        a = sigma * torch.exp(s - m) + ell * lin_scores
+    elif mixing == "lola_code":
+        c = m.clamp_min(0.0)
+        lin_scale = torch.exp(-c)
+        a = sigma * torch.exp(s - c) + (ell * lin_scale) * lin_scores
+    else:
+        raise ValueError(f"attention.mixing={mixing!r} is not valid; choose one of {', '.join(map(repr, MIXINGS))}")
+    return a, a @ v, a.sum(-1, keepdim=True), lin_scale
+
+
+def _finish(num, den, lin_scale, mixing):
+    if mixing == "lola_code":
+        return num / (den + LOLA_CODE_EPS * lin_scale)
+    return _safe_divide(num, den)
 
 
 def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -65,32 +122,41 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
-                               key_mask: torch.Tensor | None = None, return_weights: bool = False):
+                               key_mask: torch.Tensor | None = None, return_weights: bool = False,
+                               mixing: str = "lolcats", sink_tokens: int = 0):
     """Quadratic form: materialises [B,H,Lq,Lk] scores. Returns y [B,H,Lq,d] (and weights a = A / sum A)."""
-    lq, lk, d = q.shape[2], k.shape[2], q.shape[-1]
+    b, lq, lk, d = q.shape[0], q.shape[2], k.shape[2], q.shape[-1]
     dev, out_dtype = q.device, q.dtype
     win, lin = window_masks(torch.arange(lk - lq, lk, device=dev), torch.arange(lk, device=dev), window, layout, lk)
     if key_mask is not None:
         km = key_mask[:, None, None, :].bool()
         win, lin = win & km, lin & km
+    sinks = sink_keys(key_mask, b, lk, sink_tokens, dev)
+    if sinks is not None:
+        sink = sinks[:, None, None, :] & (win | lin)      # causal sinks of each query
+        win, lin = win | sink, lin & ~sink
     q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
     s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     lin_scores = (fq @ fk.transpose(-1, -2)) * lin
-    a, num, den = _combine(s, win, lin_scores, v, sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1))
-    y = _safe_divide(num, den).to(out_dtype)
+    a, num, den, lin_scale = _combine(s, win, lin_scores, v, sigma.float().view(-1, 1, 1),
+                                      ell.float().view(-1, 1, 1), mixing)
+    y = _finish(num, den, lin_scale, mixing).to(out_dtype)
     if return_weights:
-        return y, _safe_divide(a, den)
+        return y, _finish(a, den, lin_scale, mixing)
     return y
 
 
 def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
-                             key_mask: torch.Tensor | None = None, chunk_size: int = 64):
+                             key_mask: torch.Tensor | None = None, chunk_size: int = 64, mixing: str = "lolcats",
+                             sink_tokens: int = 0):
     """Chunked form, linear in length. Same arguments and result as :func:`hybrid_attention_reference`.
 
     Keys are split into chunks of C aligned to the end of the sequence. Query chunk n scores exactly the keys of
     chunks n-P..n (P = ceil(lookback / C), lookback = W-1 for 'sw', 2W-1 for 'tk'), which hold its whole window
     and the most recent part of its linear memory; everything older enters through the running state
     S_n = sum_{chunks < n-P} fk^T v, z_n = sum fk (an exclusive cumulative sum over chunk sums).
+    The S sink keys of each row are gathered once ([B,H,S,d]) and scored by every query chunk as extra softmax
+    keys; they are removed from the local blocks and from the state, so each key is counted once.
     With an offset (Lq < Lk) the missing queries are computed as zeros and dropped.
     """
     out_dtype = q.dtype
@@ -110,6 +176,14 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
     pos = torch.arange(-front, lk, device=dev)
     valid = pos >= 0
     valid = valid.expand(b, -1) if key_mask is None else valid & F.pad(key_mask.bool(), (front, 0))
+    sinks = sink_keys(key_mask, b, lk, sink_tokens, dev)
+    if sinks is not None:  # [B,H,S,.] sink keys (first S real positions; a row with fewer real keys has gaps)
+        n_s = min(sink_tokens, lk)
+        first = (sinks.float() * torch.arange(lk, 0, -1, device=dev)).topk(n_s, dim=-1).indices  # [B,S] in order
+        sink_pos = torch.where(sinks.gather(1, first), first, torch.full_like(first, lk))       # lk = no sink
+        gather = first[:, None, :, None].expand(-1, h, -1, d)
+        k_sink, v_sink = k.gather(2, gather), v.gather(2, gather)
+        valid = valid & ~F.pad(sinks, (front, 0))       # sinks leave the local blocks and the linear state
     vf = valid[:, None, :, None].float()
     k, v, fk = F.pad(k, (0, 0, front, 0)), F.pad(v, (0, 0, front, 0)) * vf, F.pad(fk, (0, 0, front, 0)) * vf
 
@@ -131,8 +205,15 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
 
     s = (qc @ k_loc.transpose(-1, -2)) / math.sqrt(d)
     lin_scores = (fqc @ fk_loc.transpose(-1, -2)) * lin
+    if sinks is not None:  # append the sink keys to every chunk's local keys, softmax only
+        s_sink = torch.einsum("bhncd,bhsd->bhncs", qc, k_sink) / math.sqrt(d)
+        sink_ok = (sink_pos[:, None, None, :] <= q_pos[None, :, :, None])[:, None]     # [B,1,N,C,S]
+        s = torch.cat([s, s_sink], dim=-1)
+        win = torch.cat([win.expand(b, -1, -1, -1, -1), sink_ok], dim=-1)
+        lin_scores = torch.cat([lin_scores, torch.zeros_like(s_sink)], dim=-1)
+        v_loc = torch.cat([v_loc, v_sink[:, :, None].expand(-1, -1, n, -1, -1)], dim=-2)
     sig, el = sigma.float().view(-1, 1, 1, 1), ell.float().view(-1, 1, 1, 1)
-    _, num, den = _combine(s, win, lin_scores, v_loc, sig, el)
+    _, num, den, lin_scale = _combine(s, win, lin_scores, v_loc, sig, el, mixing)
 
     # state of everything older than the local keys: exclusive prefix sums over chunk sums, shifted by P
     fkc, vc = chunks(fk), chunks(v)
@@ -140,29 +221,31 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
     z_sum = torch.cumsum(fkc.sum(3), dim=2)                             # [B,H,N,D]
     kv_state = F.pad(kv_sum, (0, 0, 0, 0, p + 1, 0))[:, :, :n]
     z_state = F.pad(z_sum, (0, 0, p + 1, 0))[:, :, :n]
-    num = num + el * (fqc @ kv_state)
-    den = den + el * (fqc @ z_state.unsqueeze(-1))
+    lin_w = el * lin_scale
+    num = num + lin_w * (fqc @ kv_state)
+    den = den + lin_w * (fqc @ z_state.unsqueeze(-1))
 
-    y = _safe_divide(num, den).reshape(b, h, n * c, d)
+    y = _finish(num, den, lin_scale, mixing).reshape(b, h, n * c, d)
     return y[:, :, front + lk - lq:].to(out_dtype)
 
 
-def _auto(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64):
+def _auto(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64, mixing="lolcats",
+          sink_tokens=0):
     """Short query blocks (decode) use the reference (cost Lq x Lk); longer ones the chunked form."""
-    if q.shape[2] <= chunk_size:
-        return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
-                                          key_mask=key_mask)
-    return hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
-                                    key_mask=key_mask, chunk_size=chunk_size)
+    fn = hybrid_attention_chunked if q.shape[2] > chunk_size else _reference
+    return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask, chunk_size=chunk_size,
+              mixing=mixing, sink_tokens=sink_tokens)
 
 
-def _reference(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64):
-    return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask)
+def _reference(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64, mixing="lolcats",
+               sink_tokens=0):
+    return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask,
+                                      mixing=mixing, sink_tokens=sink_tokens)
 
 
 BACKENDS: dict[str, Callable] = {"reference": _reference, "chunked": hybrid_attention_chunked}
-"""name -> fn(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask, chunk_size) -> y. Kernel packages add
-entries (e.g. 'triton'); 'auto' is resolved by :func:`hybrid_attention`."""
+"""name -> fn(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask, chunk_size, mixing, sink_tokens) -> y.
+Kernel packages add entries (e.g. 'triton'); 'auto' is resolved by :func:`hybrid_attention`."""
 
 
 def load_kernel_backends() -> None:
@@ -181,7 +264,8 @@ def load_kernel_backends() -> None:
 
 
 def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
-                     key_mask: torch.Tensor | None = None, chunk_size: int = 64, backend: str = "auto"):
+                     key_mask: torch.Tensor | None = None, chunk_size: int = 64, backend: str = "auto",
+                     mixing: str = "lolcats", sink_tokens: int = 0):
     """Dispatch to a backend. 'auto' picks a registered GPU kernel for CUDA tensors when one is present."""
     if (backend == "auto" and q.is_cuda) or backend == "triton":
         load_kernel_backends()
@@ -190,12 +274,14 @@ def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = 
                              "(pip install 'lola-train[triton]'); or choose 'auto' or 'chunked'")
     if backend == "auto":
         fn = BACKENDS.get("triton") if q.is_cuda else None
-        if fn is None or not getattr(fn, "supports", lambda *_: True)(q, fq):  # kernels decline some widths
-            fn = _auto
+        if fn is None or not getattr(fn, "supports", lambda *_, **__: True)(q, fq, mixing=mixing,
+                                                                             sink_tokens=sink_tokens):
+            fn = _auto  # kernels decline some widths and options
     else:
         try:
             fn = BACKENDS[backend]
         except KeyError:
             raise ValueError(f"attention.backend={backend!r} is not registered; choose 'auto' or one of "
                              f"{', '.join(map(repr, BACKENDS))}") from None
-    return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask, chunk_size=chunk_size)
+    return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask, chunk_size=chunk_size,
+              mixing=mixing, sink_tokens=sink_tokens)
