@@ -318,7 +318,10 @@ def _ints(text: str, name: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lola_eval.passkey", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", help="source of the softmax teacher (run with cache 'full'), e.g. embedded:smollm2")
+    p.add_argument("--teacher", help="source of the softmax teacher (run with --teacher-caches), e.g. embedded:smollm2")
+    p.add_argument("--teacher-caches", default="full",
+                   help="caches for the teacher: full and/or the KV-compression baselines sink:S:W, tova:N, "
+                        "sink@lola:W:G, tova@lola:W:G (lola_eval.baselines), comma-separated")
     p.add_argument("--linearized", help="source of the linearized model: an exported folder, or "
                                         "convert:<source> (untrained conversion)")
     p.add_argument("--caches", default="lola:64:0,lola:64:64,lola:64:256",
@@ -357,7 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
     runs = []
     if args.teacher:
-        runs.append(("teacher", args.teacher, [CacheSpec()]))
+        try:
+            teacher_caches = [CacheSpec.parse(c) for c in args.teacher_caches.split(",") if c.strip()]
+        except ValueError as e:
+            raise SystemExit(f"--teacher-caches: {e}") from None
+        runs.append(("teacher", args.teacher, teacher_caches))
     if args.linearized:
         runs.append(("linearized", args.linearized, caches))
     all_cells: list[CellResult] = []
@@ -370,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             builder = PasskeyBuilder(tok, args.haystack)
             samples = [s for length in lengths for s in builder.samples(length, depths, args.n, seed=args.seed)]
         for spec in specs:
-            set_cache(model, spec)
+            spec = set_cache(model, spec)  # budget-relative baselines come back sized for this model
             print(f"== {label} ({source}) cache {spec.label}")
             all_cells += run_model(model, tok, samples, label=label, cache_label=spec.label,
                                    prefill_chunk=args.prefill_chunk, budget_bytes=budget,
