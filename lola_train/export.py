@@ -1,9 +1,12 @@
 """Export a linearized model as a self-contained Hugging Face folder (remote code), and the LoRA adapter alone.
 
-The folder holds the merged weights (base + LoRA, feature maps, mixing factors), a config whose ``model_type`` is
-``lola_<base>`` with an ``auto_map`` to ``configuration_lola`` / ``modeling_lola``, every file of
-``lola_train/modeling/`` and the tokenizer. ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``
-rebuilds it on a machine without lola-train. Folders are written to a temp dir and renamed into place.
+The folder holds the merged weights (base + LoRA, feature maps, mixing factors), a config that keeps the base
+``model_type`` (so the stock tokenizer loads without a remote-code prompt; see ``configuration_lola``) with an
+``auto_map`` to ``configuration_lola`` / ``modeling_lola``, every file of ``lola_train/modeling/`` and the tokenizer
+(its config carrying the model's maximum length and no load-time arguments).
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` rebuilds it on a machine without
+lola-train; ``AutoTokenizer.from_pretrained(folder)`` needs no remote code. Folders are written to a temp dir and
+renamed into place.
 """
 from __future__ import annotations
 
@@ -34,6 +37,34 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+LOAD_TIME_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "resume_download", "proxies",
+                  "token", "use_auth_token", "revision", "subfolder", "trust_remote_code", "code_revision",
+                  "_commit_hash", "_from_auto", "_from_pipeline")
+"""Arguments of a tokenizer's ``from_pretrained`` that transformers keeps in ``init_kwargs`` (5.x adds
+``is_local`` and ``local_files_only`` itself) and ``save_pretrained`` writes back: they describe one load on one
+machine, not the tokenizer."""
+
+
+def model_max_length(config) -> int | None:
+    """The longest context the model was trained for (``max_position_embeddings``), if the config has one."""
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def clean_tokenizer_config(path: Path, max_length: int | None) -> None:
+    """Drop load-time arguments from a saved ``tokenizer_config.json``; cap ``model_max_length`` at the model's
+    (a tokenizer without a known limit carries transformers' int(1e30) there)."""
+    if not path.exists():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in LOAD_TIME_KEYS:
+        config.pop(key, None)
+    if max_length is not None:
+        current = config.get("model_max_length")
+        config["model_max_length"] = max_length if not isinstance(current, int) else min(current, max_length)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def write_remote_code(folder: Path, base_model_type: str) -> None:
     """Copy the modeling package and point config.json at its classes."""
     from .modeling.configuration_lola import LOLA_CONFIGS
@@ -48,7 +79,7 @@ def write_remote_code(folder: Path, base_model_type: str) -> None:
     config = json.loads(cfg_path.read_text())
     config_cls, model_cls = LOLA_CONFIGS[base_model_type], LOLA_MODELS[base_model_type]
     config.update({
-        "model_type": config_cls.model_type,
+        "model_type": base_model_type,
         "architectures": [model_cls.__name__],
         "auto_map": {"AutoConfig": f"configuration_lola.{config_cls.__name__}",
                      "AutoModelForCausalLM": f"modeling_lola.{model_cls.__name__}"},
@@ -85,6 +116,7 @@ def export_model(model: nn.Module, tokenizer, target: Path, *, dtype: str = "mod
         model.save_pretrained(tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
+            clean_tokenizer_config(tmp / "tokenizer_config.json", model_max_length(model.config))
         write_remote_code(tmp, base_type)
         replace_dir(tmp, target)
     finally:

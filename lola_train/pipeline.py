@@ -121,7 +121,7 @@ def stage_export(recipe: Recipe) -> dict:
 
         enable_lola_cache(merged, recipe.lola_cache)
     summary["model_dir"] = str(export_model(merged, tok, out / "model", dtype=recipe.export.dtype))
-    summary["model_type"] = f"lola_{merged.config.model_type}"
+    summary["model_class"] = json.loads((out / "model" / "config.json").read_text())["architectures"][0]
     return summary
 
 

@@ -62,7 +62,7 @@ def test_export_reloads_without_lola_train(full_run, tmp_path):
     out, results = full_run
     folder = Path(results["export"]["model_dir"])
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "lola_llama" and "lola_attention" in config
+    assert config["model_type"] == "llama" and "lola_attention" in config  # base type: see configuration_lola
     assert (folder / "modeling_lola.py").exists() and (out / "export" / "adapter" / "adapter_config.json").exists()
     ids = torch.randint(1, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
