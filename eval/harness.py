@@ -14,7 +14,11 @@ model_args (besides HFLM's own: batch_size, max_length, ...):
     recipe       recipe name or YAML whose ``attention`` section ``convert`` uses (default: AttentionConfig())
     cache        'auto' (keep what the checkpoint's config says), 'none' (transformers' DynamicCache: the exact
                  hybrid layer, memory grows) or 'lola' (the constant-memory LoLA cache, set in
-                 ``model.config.lola_cache``, so every cache HFLM/transformers creates is a LoLA cache)
+                 ``model.config.lola_cache``, so every cache HFLM/transformers creates is a LoLA cache), or a
+                 teacher baseline spec 'sink:S:W', 'tova:N', 'sink@lola:W:G', 'tova@lola:W:G' (lola_eval.baselines):
+                 generation tasks (RULER niah_*) then prefill each prompt in the cache's blocks and generate through
+                 it, one prompt at a time (batch_size=1); loglikelihood tasks are refused (they score in one
+                 full-attention forward, which no cache bounds)
     window, global, chunk, mixing, gqa, window_mode, update_every
                  LoLA settings (lola_train.modeling.lola_cache.LolaCacheConfig) for cache=lola
     dtype        float32 (default) / bfloat16 / float16
@@ -76,7 +80,8 @@ def build_model(pretrained: str, *, convert: Any = False, recipe: str | None = N
     from .loading import is_linearized, load_source
 
     if cache not in CACHE_MODES:
-        raise ValueError(f"model_args cache={cache!r} is not valid; choose one of {', '.join(CACHE_MODES)}")
+        raise ValueError(f"model_args cache={cache!r} is not valid; choose one of {', '.join(CACHE_MODES)} or a "
+                         "baseline spec sink:S:W / tova:N / sink@lola:W:G / tova@lola:W:G")
     source = str(pretrained)
     if _as_bool("convert", convert):
         attention = AttentionConfig()
@@ -119,6 +124,21 @@ def register() -> None:
             from transformers import PreTrainedModel
 
             cache = "none" if cache is None else str(cache).lower()  # lm-eval parses 'none' into None
+            baseline = None
+            if cache not in CACHE_MODES:
+                from .loading import CacheSpec
+
+                try:
+                    baseline = CacheSpec.parse(cache)
+                except ValueError:
+                    baseline = None
+                if baseline is None or not baseline.is_baseline:
+                    raise ValueError(f"model_args cache={cache!r} is not valid; choose one of "
+                                     f"{', '.join(CACHE_MODES)} or a baseline spec sink:S:W / tova:N / sink@lola:W:G")
+                if str(kwargs.get("batch_size", 1)) != "1":
+                    raise ValueError(f"model_args cache={cache}: baseline caches run one prompt at a time; set "
+                                     "batch_size=1 (--batch_size 1)")
+                cache = "none"
             lola_keys = {k: kwargs[k] for k in list(kwargs) if k in _LOLA_KEYS}
             for k in lola_keys:
                 kwargs.pop(k)
@@ -136,9 +156,53 @@ def register() -> None:
                                          lola=lola)
                 kwargs.pop("tokenizer", None)
             self.lola_cache = getattr(model.config, "lola_cache", None)
+            self.baseline = None
+            if baseline is not None:
+                from .loading import set_cache
+
+                self.baseline = set_cache(model, baseline)  # sized for this model; new_cache builds one per prompt
             kwargs.setdefault("device", "cpu")
             kwargs.pop("trust_remote_code", None)
             super().__init__(pretrained=model, tokenizer=tok, backend="causal", **kwargs)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            if self.baseline is None:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            import torch
+
+            from lm_eval.models.huggingface import stop_sequences_criteria
+
+            from .streaming import new_cache, prefill
+
+            if context.shape[0] != 1:
+                raise ValueError(f"cache={self.baseline.label}: one prompt at a time (batch_size=1), got a batch of "
+                                 f"{context.shape[0]}")
+            generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
+            if generation_kwargs["temperature"] == 0.0 and generation_kwargs.get("do_sample") in (None, False):
+                generation_kwargs.pop("temperature")
+                generation_kwargs["do_sample"] = False
+            cache = new_cache(self.model)
+            if context.shape[1] > 1:  # the prompt in the cache's blocks: bounded memory, the policy acts per block
+                prefill(self.model, context[:, :-1], cache, chunk=cache.block_size)
+            with torch.no_grad():
+                return self.model.generate(input_ids=context, max_length=max_length, cache=cache, use_cache=True,
+                                           stopping_criteria=stop_sequences_criteria(self.tokenizer, stop,
+                                                                                     context.shape[1], 1),
+                                           pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self._refuse_baseline("loglikelihood")
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            self._refuse_baseline("loglikelihood_rolling")
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+        def _refuse_baseline(self, kind: str) -> None:
+            if self.baseline is not None:
+                raise ValueError(f"cache={self.baseline.label}: {kind} tasks score each item in one full-attention "
+                                 "forward, which a KV-cache baseline does not bound; run them with cache=none "
+                                 "(the teacher) or use generation tasks (RULER niah_*) for the baselines")
 
     _registered = True
 
@@ -208,7 +272,18 @@ def evaluate(model: Any, tasks: Sequence[str], *, limit: int | float | None = No
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=str(TASK_DIR))
+    from lm_eval.utils import simple_parse_args_string
+
+    # simple_evaluate passes model_args + metadata to the tasks only when it builds the TaskManager itself; RULER
+    # needs them (tokenizer = pretrained, max_seq_lengths), so build it with both here
+    meta = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args or {})
+    if str(meta.get("pretrained", "")).startswith("embedded:"):
+        from lola_train.models import EMBEDDED_SMOLLM2, smollm2_dir
+
+        if meta["pretrained"] == EMBEDDED_SMOLLM2:
+            meta["pretrained"] = str(smollm2_dir())
+    meta |= kwargs.pop("metadata", None) or {}
+    task_manager = TaskManager(include_path=str(TASK_DIR), metadata=meta)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), limit=limit,
                                    num_fewshot=num_fewshot, batch_size=batch_size, device="cpu",
                                    task_manager=task_manager, **kwargs)
