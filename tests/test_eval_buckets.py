@@ -148,3 +148,24 @@ def test_lm_eval_model_with_a_baseline_cache(tiny_dir):
         lola.create_from_arg_string(f"pretrained={tiny_dir},cache=sink:4:60,batch_size=4", {})
     with pytest.raises(ValueError, match="cache='lola:64:0' is not valid"):
         lola.create_from_arg_string(f"pretrained={tiny_dir},cache=lola:64:0", {})
+
+
+def test_quality_report(tiny_dir, tmp_path):
+    """The demo's closing report: perplexity by bucket teacher vs linearized, passkey probes with and without the
+    sparse cache, bytes, pointers to the full results."""
+    from lola_eval import report
+
+    out = tmp_path / "report"
+    assert report.main(["--teacher", str(tiny_dir), "--linearized", f"convert:{tiny_dir}", "--seq-len", "300",
+                        "--passkey-length", "200", "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert list(data["ppl"]["teacher"]["buckets"]) == ["0-256", "256-512"]
+    assert [(p["model"], p["cache"]) for p in data["passkey"]] == [
+        ("teacher", "full"), ("linearized", "lola:64:0"), ("linearized", "lola:64:256"),
+        ("linearized", "lola:64:256:lola_code")]
+    sizes = {p["cache"]: p["cache_bytes_per_seq"] for p in data["passkey"]}
+    assert sizes["lola:64:256"] > sizes["lola:64:0"] > 0
+    text = (out / "report.md").read_text()
+    assert "| ratio |" in text and "python -m lola_eval.suite" in text and "KV pairs per KV head" in text
+    with pytest.raises(SystemExit, match="export stage"):
+        report.main(["--linearized", str(tmp_path / "missing")])
