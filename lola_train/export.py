@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,18 @@ def replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_export_dirs(folder: Path) -> list[Path]:
+    """Delete what a killed export leaves in ``folder``: temp folders of :func:`export_model` /
+    :func:`export_adapter` (``.<name>-<8 random chars>``) and folders :func:`replace_dir` moved aside
+    (``.<name>.old``)."""
+    removed = []
+    for path in Path(folder).glob(".*") if Path(folder).is_dir() else ():
+        if path.is_dir() and (path.name.endswith(".old") or re.fullmatch(r"\.[^.].*-[a-z0-9_]{8}", path.name)):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 LOAD_TIME_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "resume_download", "proxies",
@@ -106,9 +119,7 @@ def export_model(model: nn.Module, tokenizer, target: Path, *, dtype: str = "mod
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         if dtype != "model":
-            keep = {id(p) for layer in hybrid_layers(model) for p in
-                    list(layer.feature_map_q.parameters()) + list(layer.feature_map_k.parameters())
-                    + [layer.window_factors]}
+            keep = {id(p) for layer in hybrid_layers(model) for p in layer.trainable_parameters()}
             for p in model.parameters():
                 if id(p) not in keep:
                     p.data = p.data.to(DTYPES[dtype])

@@ -12,6 +12,7 @@ from .convert import convert, hybrid_layers, set_transfer_mode, transfer_paramet
 from .models import load_model
 from .recipe import Recipe, to_dict
 from .atomic import write_json_atomic
+from .export import remove_stale_export_dirs
 
 PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. Linear attention replaces the softmax over all past "
               "tokens with a feature map, so the state has a fixed size while the sliding window keeps recent "
@@ -128,20 +129,45 @@ def stage_export(recipe: Recipe) -> dict:
 TRAINING_STAGES = ("transfer", "finetune", "export")
 
 
+def planned_stages(recipe: Recipe) -> list[str]:
+    """The stages this invocation runs, in order: 'convert' and 'eval' when listed; a training stage when listed
+    and not finished (``<stage>/done.json``), listed in ``force``, or after an earlier training stage that runs."""
+    out, plan, upstream = Path(recipe.output_dir), [], False
+    for stage in ("convert",) + TRAINING_STAGES + ("eval",):
+        if stage not in recipe.stages:
+            continue
+        if stage in TRAINING_STAGES:
+            if not (upstream or stage in recipe.force or not stage_done(out, stage).exists()):
+                continue
+            upstream = True
+        plan.append(stage)
+    return plan
+
+
 def run(recipe: Recipe) -> dict:
     """Run the recipe's stages in order. A finished stage (``<stage>/done.json``) is skipped unless listed in
-    ``force`` or an earlier stage ran again in this invocation; an unfinished one resumes from its checkpoint."""
+    ``force`` or an earlier stage ran again in this invocation; an unfinished one resumes from its checkpoint.
+    Everything the stages need is checked first (:func:`lola_train.preflight.preflight`): a bad input raises a
+    ConfigError before any work."""
     import shutil
 
+    from .preflight import preflight
+    from .train.checkpoint import remove_stale_temp_files
     from .train.finetune import run_finetune
     from .train.metrics import MetricsLogger
     from .train.transfer import run_transfer
 
+    plan = planned_stages(recipe)
+    report = preflight(recipe, plan)
     accelerator = make_accelerator()
     main = accelerator.is_main_process
     out = Path(recipe.output_dir)
     if main:
+        print(report.line())
+        remove_stale_temp_files(out, ["transfer", "finetune", "data"])  # left by a killed run
+        remove_stale_export_dirs(out / "export")
         write_json_atomic(out / "recipe.json", to_dict(recipe))
+    accelerator.wait_for_everyone()
     results = {}
     if "convert" in recipe.stages:
         if main:
@@ -156,13 +182,13 @@ def run(recipe: Recipe) -> dict:
         if stage not in recipe.stages:
             continue
         marker = stage_done(out, stage)
-        rerun = stage in recipe.force or upstream_ran
-        if marker.exists() and not rerun:
+        if stage not in plan:
             results[stage] = json.loads(marker.read_text())
             if main:
                 print(f"\n== {stage}: already done ({marker}); skipped (force=[{stage}] reruns it) ==")
             continue
-        if rerun and (out / stage).exists():  # start over: its checkpoint belongs to the old upstream
+        if (stage in recipe.force or upstream_ran) and (out / stage).exists():
+            # start over: its checkpoint belongs to the old upstream
             if main:
                 shutil.rmtree(out / stage)
             accelerator.wait_for_everyone()

@@ -276,6 +276,8 @@ def load_recipe(args: Sequence[str]) -> Recipe:
         raise ConfigError(f"unknown key {e.full_key!r}{where}; valid keys here: "
                           f"{_valid_keys(e.full_key, section)}") from None
     except ValidationError as e:
+        if "Incompatible value 'None'" in e.msg:  # e.g. output_dir= (empty on the command line)
+            raise ConfigError(f"{e.full_key} is empty; give it a value ({e.full_key}=...)") from None
         raise ConfigError(f"{e.full_key}: {e.msg.splitlines()[0]}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(str(e)) from None

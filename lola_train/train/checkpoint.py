@@ -14,8 +14,25 @@ import torch
 from ..atomic import atomic_write
 
 
+TEMP_PATTERN = ".*.tmp"
+"""Temp files of atomic writes (``atomic_write``: ``.<name>.<random>.tmp``; data.py: ``.<name>.tmp``). A kill
+between creating one and renaming it leaves it behind; :func:`remove_stale_temp_files` sweeps them on restart."""
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temp_files(out: Path, subfolders: list[str]) -> list[Path]:
+    """Delete temp files left by a killed run in ``out`` and its ``subfolders`` (not recursive: only the folders
+    lola-train writes, never a user's files elsewhere). Call before any process of this run writes."""
+    removed = []
+    for folder in [Path(out)] + [Path(out) / s for s in subfolders]:
+        for path in folder.glob(TEMP_PATTERN) if folder.is_dir() else ():
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def rng_state() -> dict:
