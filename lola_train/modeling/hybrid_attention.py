@@ -8,10 +8,13 @@ Order of operations (traps T1, T2): project -> (q/k norm) -> RoPE -> cache -> re
 -> hybrid attention -> o_proj.
 
 In transfer mode (stage 1) the layer also computes the teacher, exact causal softmax attention on the same
-q, k, v under ``no_grad``, records the per-layer losses in ``self.transfer_losses`` and returns the TEACHER's
+q, k, v under ``no_grad``, records the per-layer losses in ``self.transfer_losses`` ('mse', optional 'xent', and
+the detached diagnostic 'mse_by_position' [Lq]) and returns the TEACHER's
 output, so that every layer sees teacher inputs (teacher forcing through depth, trap T17).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +81,8 @@ def softmax_teacher(q, k, v, key_mask, with_weights: bool):
         mask = mask | torch.eye(lk, device=q.device, dtype=torch.bool)[lk - lq:]  # keep pad rows finite
     q, k, v = q.float(), k.float(), v.float()
     if not with_weights:
+        if key_mask is None and lq == lk:  # no mask tensor: SDPA's causal flash path (same function, faster)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
@@ -87,8 +92,9 @@ def softmax_teacher(q, k, v, key_mask, with_weights: bool):
 class HybridAttention(nn.Module):
     """Sliding-window softmax + feature-mapped linear attention for one decoder layer.
 
-    Parameters added per layer: ``feature_map_q.weight`` and ``feature_map_k.weight`` [H,d,F] and
-    ``window_factors`` [H] (sigma(w) mixes the softmax block against the linear block).
+    Parameters added per layer: ``feature_map_q.weight`` and ``feature_map_k.weight`` [H,d,F],
+    ``window_factors`` [H] (sigma(w) mixes the softmax block against the linear block) and, with
+    ``attention.linear_decay``, ``decay_factors`` [H] (gamma = sigmoid, the linear memory's decay per token).
     """
 
     def __init__(self, attn: nn.Module, config: AttentionConfig, *, num_heads: int, num_kv_heads: int,
@@ -107,11 +113,26 @@ class HybridAttention(nn.Module):
         self.feature_map_k.load_state_dict(self.feature_map_q.state_dict())  # k map starts as a copy (T3)
         self.window_factors = nn.Parameter(torch.full((num_heads,), float(config.init_window_factor),
                                                       device=device))
+        if config.linear_decay is not None:  # logit of gamma_h, gamma_h(0) = 1 - 1/T
+            self.decay_factors = nn.Parameter(torch.full((num_heads,), math.log(config.linear_decay - 1.0),
+                                                         device=device))
+        else:
+            self.decay_factors = None
         self.model_config = getattr(attn, "config", None)  # read for config.lola_cache (LoLA switched on at load)
         self.transfer_mode = False
         self.transfer_xent = False
         self.transfer_losses: dict[str, torch.Tensor] = {}
         self.train(attn.training)  # follow the replaced module's train/eval mode (LoLA switches on in eval only)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What stage 1 trains in this layer: both feature maps, the mixing logits and the decay logits."""
+        extra = [self.decay_factors] if self.decay_factors is not None else []
+        return (list(self.feature_map_q.parameters()) + list(self.feature_map_k.parameters())
+                + [self.window_factors] + extra)
+
+    def decay(self) -> torch.Tensor | None:
+        """gamma [H] float32 of the linear memory's decay, or None (no decay)."""
+        return None if self.decay_factors is None else torch.sigmoid(self.decay_factors.float())
 
     def mixing_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma [H], ell [H]): weights of the softmax and linear terms of the trained mixing."""
@@ -161,7 +182,7 @@ class HybridAttention(nn.Module):
         if not self.transfer_mode:
             return hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
                                     key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend,
-                                    mixing=cfg.mixing, sink_tokens=cfg.sink_tokens)
+                                    mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay())
         with torch.no_grad():
             y_teacher, a_teacher = softmax_teacher(q, k, v, key_mask, self.transfer_xent)
         rows = torch.ones(q.shape[0], q.shape[2], device=q.device) if key_mask is None else \
@@ -171,16 +192,19 @@ class HybridAttention(nn.Module):
         if self.transfer_xent:
             y, a = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=cfg.window_size,
                                               layout=cfg.window_layout, key_mask=key_mask, return_weights=True,
-                                              mixing=cfg.mixing, sink_tokens=cfg.sink_tokens)
+                                              mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay())
             ce = -(a_teacher * torch.log(a.clamp_min(1e-12))).sum(-1, keepdim=True)
             self.transfer_losses = {"xent": (ce * rows).sum() / n_rows}
         else:
             y = hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
                                  key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend,
-                                 mixing=cfg.mixing, sink_tokens=cfg.sink_tokens)
+                                 mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay())
             self.transfer_losses = {}
-        se = ((y.float() - y_teacher) ** 2 * rows).sum()
-        self.transfer_losses["mse"] = se / (n_rows * q.shape[-1])
+        se = (y.float() - y_teacher) ** 2 * rows                       # [B,H,Lq,d]
+        self.transfer_losses["mse"] = se.sum() / (n_rows * q.shape[-1])
+        with torch.no_grad():  # diagnostics: MSE per query position [Lq] over batch rows, heads and head dims
+            per_pos = rows.sum((0, 1, 3)) * q.shape[1] * q.shape[-1]
+            self.transfer_losses["mse_by_position"] = se.detach().sum((0, 1, 3)) / per_pos.clamp_min(1)
         return y_teacher.to(q.dtype)
 
     def extra_repr(self) -> str:

@@ -17,7 +17,8 @@ import torch
 from ..convert import hybrid_layers
 from ..recipe import Recipe
 from .checkpoint import atomic_torch_save, trainable_state
-from .loop import train_loop
+from ..metrics_buckets import bucket_means
+from .loop import default_summarize, train_loop
 from .student import load_converted, named_transfer_parameters
 
 
@@ -28,13 +29,25 @@ def transfer_loss_fn(layers, mse_factor: float, xent_factor: float):
         b = batch["input_ids"].shape[0]
         mse = torch.stack([layer.transfer_losses["mse"] for layer in layers])
         loss = mse_factor * mse.mean()
-        extras = {"mse_per_layer": mse.detach() * b}
+        by_pos = torch.stack([layer.transfer_losses["mse_by_position"] for layer in layers]).mean(0)
+        extras = {"mse_per_layer": mse.detach() * b, "mse_by_position": by_pos * b}
         if xent_factor > 0:
             xent = torch.stack([layer.transfer_losses["xent"] for layer in layers])
             loss = loss + xent_factor * xent.mean()
             extras["xent_per_layer"] = xent.detach() * b
         return loss, extras
     return loss_fn
+
+
+def summarize_transfer(sums: dict, n: int) -> dict:
+    """Eval metrics: the loop's means, with the per-position MSE (mean over layers) reported by position bucket
+    (lola_train.metrics_buckets) instead of position by position."""
+    sums = dict(sums)
+    by_pos = sums.pop("mse_by_position", None)
+    out = default_summarize(sums, n)
+    if by_pos is not None:
+        out["mse_by_bucket"] = bucket_means(by_pos / n)
+    return out
 
 
 def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
@@ -50,11 +63,13 @@ def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
     result = train_loop(stage="transfer", model=model, loss_fn=transfer_loss_fn(layers, cfg.mse_factor,
                                                                                  cfg.xent_factor),
                         train=data["train"], val=data["val"], cfg=cfg, folder=folder, accelerator=accelerator,
-                        metrics=metrics, seed=recipe.seed)
+                        metrics=metrics, seed=recipe.seed, summarize=summarize_transfer)
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "best_step": result.best_step,
                "best_val_loss": result.best_loss, "initial_val_loss": result.initial_eval.get("loss"),
                "mse_per_layer_before": result.initial_eval.get("mse_per_layer"),
                "mse_per_layer_last_eval": result.last_eval.get("mse_per_layer"),
+               "mse_by_bucket_before": result.initial_eval.get("mse_by_bucket"),
+               "mse_by_bucket_last_eval": result.last_eval.get("mse_by_bucket"),
                "seconds_per_step": result.seconds_per_step,
                "trainable_params": sum(p.numel() for _, p in named_transfer_parameters(model))}
     if accelerator.is_main_process:
