@@ -61,9 +61,5 @@ def set_transfer_mode(model: nn.Module, enabled: bool, *, xent: bool = False) ->
 
 
 def transfer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters stage 1 trains: both feature maps and the window factors of every layer."""
-    params = []
-    for layer in hybrid_layers(model):
-        params += list(layer.feature_map_q.parameters()) + list(layer.feature_map_k.parameters())
-        params.append(layer.window_factors)
-    return params
+    """The parameters stage 1 trains: both feature maps, the window factors (and decay factors) of every layer."""
+    return [p for layer in hybrid_layers(model) for p in layer.trainable_parameters()]

@@ -1,5 +1,6 @@
-"""Trainable fusions ('lolcats', 'lola_code') and attention sinks: the chunked path equals the quadratic
-reference (values and gradients), and the reference equals the equations written out per query."""
+"""Trainable fusions ('lolcats', 'lola_code'), attention sinks and the linear memory's decay: the chunked path
+equals the quadratic reference (values and gradients), and the reference equals the equations written out per
+query."""
 import math
 
 import pytest
@@ -11,44 +12,49 @@ from lola_train.modeling.hybrid_ops import (hybrid_attention_chunked, hybrid_att
 from test_hybrid_ops import make_inputs
 
 CASES = [("lolcats", 0), ("lolcats", 4), ("lola_code", 0), ("lola_code", 3)]
+DECAY = torch.tensor([0.97, 0.995])  # gamma per head (2 heads)
 
 
+@pytest.mark.parametrize("decay", [None, DECAY])
 @pytest.mark.parametrize("mixing,sinks", CASES)
 @pytest.mark.parametrize("layout", ["sw", "tk"])
 @pytest.mark.parametrize("length,window,chunk", [(1, 16, 16), (65, 16, 24), (200, 24, 32), (300, 64, 64)])
-def test_chunked_matches_reference(mixing, sinks, layout, length, window, chunk):
+def test_chunked_matches_reference(mixing, sinks, layout, length, window, chunk, decay):
     args = make_inputs(2, 2, length, length, seed=length + sinks)
-    ref = hybrid_attention_reference(*args, window=window, layout=layout, mixing=mixing, sink_tokens=sinks)
-    out = hybrid_attention_chunked(*args, window=window, layout=layout, chunk_size=chunk, mixing=mixing,
-                                   sink_tokens=sinks)
+    kw = dict(window=window, layout=layout, mixing=mixing, sink_tokens=sinks, decay=decay)
+    ref = hybrid_attention_reference(*args, **kw)
+    out = hybrid_attention_chunked(*args, chunk_size=chunk, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decay", [None, DECAY])
 @pytest.mark.parametrize("mixing,sinks", CASES)
-def test_chunked_gradients_match_reference(mixing, sinks):
-    base = make_inputs(1, 2, 130, 130, seed=11)
+def test_chunked_gradients_match_reference(mixing, sinks, decay):
+    base = make_inputs(1, 2, 130, 130, seed=11) + ((DECAY.clone(),) if decay is not None else ())
     weight = torch.randn(1, 2, 130, 16, generator=torch.Generator().manual_seed(2))
     grads = []
     for fn, kw in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 32})):
         xs = [t.clone().requires_grad_(True) for t in base]
-        (fn(*xs, window=24, layout="sw", mixing=mixing, sink_tokens=sinks, **kw) * weight).sum().backward()
-        grads.append([x.grad for x in xs])
-    for g_ref, g_out in zip(*grads):
-        torch.testing.assert_close(g_out, g_ref, atol=1e-5, rtol=1e-4)
+        gamma = xs.pop() if decay is not None else None
+        (fn(*xs, window=24, layout="sw", mixing=mixing, sink_tokens=sinks, decay=gamma, **kw)
+         * weight).sum().backward()
+        grads.append([x.grad for x in xs] + ([gamma.grad] if gamma is not None else []))
+    for g_ref, g_out in zip(*grads):  # sigma and gamma gradients sum ~10^4 float32 terms in different orders
+        torch.testing.assert_close(g_out, g_ref, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("decay", [None, DECAY])
 @pytest.mark.parametrize("mixing,sinks", CASES)
 @pytest.mark.parametrize("lq", [1, 70])
-def test_offset_and_left_padding(mixing, sinks, lq):
+def test_offset_and_left_padding(mixing, sinks, lq, decay):
     lk = 150
     args = make_inputs(3, 2, lq, lk, seed=lq)
     key_mask = torch.ones(3, lk, dtype=torch.bool)
     key_mask[1, :37] = False   # left padding
     key_mask[2, :148] = False  # fewer real tokens than sinks
-    ref = hybrid_attention_reference(*args, window=20, layout="sw", key_mask=key_mask, mixing=mixing,
-                                     sink_tokens=sinks)
-    out = hybrid_attention_chunked(*args, window=20, layout="sw", key_mask=key_mask, chunk_size=16, mixing=mixing,
-                                   sink_tokens=sinks)
+    kw = dict(window=20, layout="sw", key_mask=key_mask, mixing=mixing, sink_tokens=sinks, decay=decay)
+    ref = hybrid_attention_reference(*args, **kw)
+    out = hybrid_attention_chunked(*args, chunk_size=16, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out).all()
 
@@ -67,7 +73,7 @@ def test_left_padded_row_equals_row_alone(mixing, sinks):
     torch.testing.assert_close(out[:, :, pad:], plain, atol=1e-5, rtol=1e-5)
 
 
-def per_query(q, k, v, fq, fk, sigma, ell, window, mixing, sinks):
+def per_query(q, k, v, fq, fk, sigma, ell, window, mixing, sinks, gamma=1.0):
     """The module docstring's equations for one (batch, head), one query at a time, sw layout, no padding."""
     length, d = q.shape
     out = torch.zeros_like(q, dtype=torch.float64)
@@ -78,19 +84,21 @@ def per_query(q, k, v, fq, fk, sigma, ell, window, mixing, sinks):
         m = max(s.values())
         shift = m if mixing == "lolcats" else 0.0
         terms = {j: float(sigma) * math.exp(s[j] - shift) for j in soft}
-        terms.update({j: float(ell) * float(fq[i] @ fk[j]) for j in lin})
+        terms.update({j: float(ell) * float(gamma) ** (i - j) * float(fq[i] @ fk[j]) for j in lin})
         den = sum(terms.values()) + (1e-6 if mixing == "lola_code" else 0.0)
         out[i] = sum(a * v[j].double() for j, a in terms.items()) / den
     return out
 
 
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
 @pytest.mark.parametrize("mixing,sinks", CASES)
-def test_reference_equals_equations(mixing, sinks):
+def test_reference_equals_equations(mixing, sinks, gamma):
     q, k, v, fq, fk, sigma, ell = make_inputs(1, 1, 40, 40, seed=5)
     q, k = q / 2, k / 2  # moderate logits: the unshifted 'lola_code' sum is evaluated directly here
+    decay = None if gamma == 1.0 else torch.tensor([gamma])
     y = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=8, layout="sw", mixing=mixing,
-                                   sink_tokens=sinks)
-    want = per_query(q[0, 0], k[0, 0], v[0, 0], fq[0, 0], fk[0, 0], sigma[0], ell[0], 8, mixing, sinks)
+                                   sink_tokens=sinks, decay=decay)
+    want = per_query(q[0, 0], k[0, 0], v[0, 0], fq[0, 0], fk[0, 0], sigma[0], ell[0], 8, mixing, sinks, gamma)
     torch.testing.assert_close(y[0, 0].double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -122,3 +130,14 @@ def test_sink_keys_are_first_real_tokens():
     want = torch.tensor([[0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(got, want)
     assert sink_keys(mask, 3, 6, 0, "cpu") is None
+
+
+def test_decay_bounds_the_linear_mass():
+    """With gamma < 1 the output at the end of a long sequence no longer depends on the distant past."""
+    q, k, v, fq, fk, sigma, ell = make_inputs(1, 2, 600, 600, seed=4)
+    kw = dict(window=16, layout="sw", chunk_size=32, decay=torch.tensor([0.9, 0.95]))
+    full = hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, **kw)
+    tail = hybrid_attention_chunked(*(t[:, :, 300:] for t in (q, k, v, fq, fk)), sigma, ell, **kw)
+    torch.testing.assert_close(full[:, :, -1], tail[:, :, -1], atol=1e-5, rtol=1e-5)
+    undecayed = hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, window=16, layout="sw", chunk_size=32)
+    assert (undecayed[:, :, -1] - full[:, :, -1]).abs().max() > 1e-3

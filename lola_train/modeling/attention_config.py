@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 LOGIT_0_1 = -2.1972245773362196  # logit(0.1): sigmoid of this is the published initial window factor
 
@@ -57,6 +57,10 @@ class AttentionConfig:
                       terms ell fq.fk, never shifted) or 'lola_code' (LoLA's fusion, spec 4.4 (b): softmax terms
                       sigma e^{s} unshifted, linear terms (1 - sigma) fq.fk, + 1e-6 in the denominator; computed
                       max-stabilised). The LoLA cache uses the trained mixing unless told otherwise.
+    linear_decay:     None (LoLCATs: the linear memory sums every older pair with weight 1) or the initial horizon
+                      T in tokens of a learned per-head decay gamma_h = sigmoid(a_h), gamma_h(0) = 1 - 1/T: a key
+                      j < p enters the linear terms of query p with weight gamma_h^(p - j), so the linear block's
+                      mass stays bounded (at most 2 / (1 - gamma_h)) however long the context (Lizard, GLA).
     sink_tokens:      S, the first S real (non-padding) tokens of every sequence are attention sinks: they are
                       in the softmax set of every later query and never in the linear memory (0 = none,
                       LoLCATs). The teacher puts much of its attention mass on them; a linear term cannot
@@ -78,6 +82,7 @@ class AttentionConfig:
     affine_attention_factors: bool = False
     mixing: str = "lolcats"
     sink_tokens: int = 0
+    linear_decay: Optional[int] = None
     chunk_size: int = 64
     backend: str = "auto"
 
@@ -101,6 +106,10 @@ class AttentionConfig:
         if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
             raise ConfigError(f"{prefix}sink_tokens={self.sink_tokens!r} is not valid; it must be an integer >= 0 "
                               "(0 = no attention sinks)")
+        if self.linear_decay is not None and (not isinstance(self.linear_decay, int) or
+                                              isinstance(self.linear_decay, bool) or self.linear_decay < 2):
+            raise ConfigError(f"{prefix}linear_decay={self.linear_decay!r} is not valid; give the initial horizon in "
+                              "tokens (an integer >= 2, e.g. 512) or null for no decay")
         check_choice(prefix + "backend", self.backend, ("auto",) + tuple(BACKENDS))
         for name in ("feature_dim", "window_size", "chunk_size"):
             check_positive(prefix + name, getattr(self, name))

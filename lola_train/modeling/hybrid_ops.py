@@ -29,6 +29,9 @@ token) removes padded keys from both memories. For query i (absolute position p 
     'tk':  blocks of W keys aligned to the END of the Lk keys (the first block is partial);
            Win(i) = {j <= p : block(j) >= block(p) - 1},  Lin(i) = {j : block(j) <= block(p) - 2} minus the sinks
 
+Decay (``decay`` gamma [H] in (0, 1], optional): every linear term of query p and key j is multiplied by
+gamma_h^(p - j) (distances in key-axis positions), which bounds the linear block's mass at any length.
+
 Attention sinks (``sink_tokens`` S > 0): the first S real tokens of each row stay in the softmax set of every
 later query and never enter the linear memory. Without them the first token's large softmax mass (the attention
 sink of pretrained LLMs) must be carried by a linear term, which is bounded, and the model learns to inflate the
@@ -38,6 +41,7 @@ All arithmetic is float32; the output has q's dtype. Rows with no visible key (p
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -121,9 +125,15 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
+def decay_weights(decay: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """gamma_h^distance for decay [H] and integer distances [...] >= 0 -> [H, ...] float32."""
+    shape = (-1,) + (1,) * distance.dim()
+    return torch.exp(distance.float().clamp_min(0) * torch.log(decay.float()).view(shape))
+
+
 def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                                key_mask: torch.Tensor | None = None, return_weights: bool = False,
-                               mixing: str = "lolcats", sink_tokens: int = 0):
+                               mixing: str = "lolcats", sink_tokens: int = 0, decay: torch.Tensor | None = None):
     """Quadratic form: materialises [B,H,Lq,Lk] scores. Returns y [B,H,Lq,d] (and weights a = A / sum A)."""
     b, lq, lk, d = q.shape[0], q.shape[2], k.shape[2], q.shape[-1]
     dev, out_dtype = q.device, q.dtype
@@ -138,6 +148,9 @@ def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layo
     q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
     s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     lin_scores = (fq @ fk.transpose(-1, -2)) * lin
+    if decay is not None:
+        q_pos, k_pos = torch.arange(lk - lq, lk, device=dev), torch.arange(lk, device=dev)
+        lin_scores = lin_scores * decay_weights(decay, q_pos[:, None] - k_pos[None, :])
     a, num, den, lin_scale = _combine(s, win, lin_scores, v, sigma.float().view(-1, 1, 1),
                                       ell.float().view(-1, 1, 1), mixing)
     y = _finish(num, den, lin_scale, mixing).to(out_dtype)
@@ -148,13 +161,15 @@ def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layo
 
 def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                              key_mask: torch.Tensor | None = None, chunk_size: int = 64, mixing: str = "lolcats",
-                             sink_tokens: int = 0):
+                             sink_tokens: int = 0, decay: torch.Tensor | None = None):
     """Chunked form, linear in length. Same arguments and result as :func:`hybrid_attention_reference`.
 
     Keys are split into chunks of C aligned to the end of the sequence. Query chunk n scores exactly the keys of
     chunks n-P..n (P = ceil(lookback / C), lookback = W-1 for 'sw', 2W-1 for 'tk'), which hold its whole window
     and the most recent part of its linear memory; everything older enters through the running state
     S_n = sum_{chunks < n-P} fk^T v, z_n = sum fk (an exclusive cumulative sum over chunk sums).
+    With a decay the chunk states are decayed sums, U_m = gamma^C U_{m-1} + sum_{j in chunk m} gamma^(t_m - j)
+    fk_j v_j^T (t_m = the first position after chunk m), a scan over the N chunks.
     The S sink keys of each row are gathered once ([B,H,S,d]) and scored by every query chunk as extra softmax
     keys; they are removed from the local blocks and from the state, so each key is counted once.
     With an offset (Lq < Lk) the missing queries are computed as zeros and dropped.
@@ -205,6 +220,8 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
 
     s = (qc @ k_loc.transpose(-1, -2)) / math.sqrt(d)
     lin_scores = (fqc @ fk_loc.transpose(-1, -2)) * lin
+    if decay is not None:
+        lin_scores = lin_scores * decay_weights(decay, q_pos[:, :, None] - k_pos[:, None, :])  # [H,N,C,(P+1)C]
     if sinks is not None:  # append the sink keys to every chunk's local keys, softmax only
         s_sink = torch.einsum("bhncd,bhsd->bhncs", qc, k_sink) / math.sqrt(d)
         sink_ok = (sink_pos[:, None, None, :] <= q_pos[None, :, :, None])[:, None]     # [B,1,N,C,S]
@@ -217,8 +234,20 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
 
     # state of everything older than the local keys: exclusive prefix sums over chunk sums, shifted by P
     fkc, vc = chunks(fk), chunks(v)
-    kv_sum = torch.cumsum(fkc.transpose(-1, -2) @ vc, dim=2)            # [B,H,N,D,d]
-    z_sum = torch.cumsum(fkc.sum(3), dim=2)                             # [B,H,N,D]
+    if decay is None:
+        kv_sum = torch.cumsum(fkc.transpose(-1, -2) @ vc, dim=2)        # [B,H,N,D,d]
+        z_sum = torch.cumsum(fkc.sum(3), dim=2)                         # [B,H,N,D]
+    else:  # decayed chunk sums, then the scan U_m = gamma^C U_{m-1} + T_m
+        offs = torch.arange(c, device=dev)
+        fkw = fkc * decay_weights(decay, c - offs).view(1, h, 1, c, 1)  # gamma^(t_m - j) within each chunk
+        t_kv, t_z = fkw.transpose(-1, -2) @ vc, fkw.sum(3)
+        g_c = decay.float().pow(c).view(1, h, 1, 1)
+        kv_parts, z_parts = [t_kv[:, :, 0]], [t_z[:, :, 0]]
+        for m in range(1, n):
+            kv_parts.append(g_c * kv_parts[-1] + t_kv[:, :, m])
+            z_parts.append(g_c[..., 0] * z_parts[-1] + t_z[:, :, m])
+        kv_sum, z_sum = torch.stack(kv_parts, 2), torch.stack(z_parts, 2)
+        fqc = fqc * decay_weights(decay, offs + p * c).view(1, h, 1, c, 1)  # gamma^(P C + offset in the chunk)
     kv_state = F.pad(kv_sum, (0, 0, 0, 0, p + 1, 0))[:, :, :n]
     z_state = F.pad(z_sum, (0, 0, p + 1, 0))[:, :, :n]
     lin_w = el * lin_scale
@@ -230,22 +259,24 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
 
 
 def _auto(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64, mixing="lolcats",
-          sink_tokens=0):
+          sink_tokens=0, decay=None):
     """Short query blocks (decode) use the reference (cost Lq x Lk); longer ones the chunked form."""
     fn = hybrid_attention_chunked if q.shape[2] > chunk_size else _reference
     return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask, chunk_size=chunk_size,
-              mixing=mixing, sink_tokens=sink_tokens)
+              mixing=mixing, sink_tokens=sink_tokens, decay=decay)
 
 
 def _reference(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64, mixing="lolcats",
-               sink_tokens=0):
+               sink_tokens=0, decay=None):
     return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask,
-                                      mixing=mixing, sink_tokens=sink_tokens)
+                                      mixing=mixing, sink_tokens=sink_tokens, decay=decay)
 
 
 BACKENDS: dict[str, Callable] = {"reference": _reference, "chunked": hybrid_attention_chunked}
 """name -> fn(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask, chunk_size, mixing, sink_tokens) -> y.
-Kernel packages add entries (e.g. 'triton'); 'auto' is resolved by :func:`hybrid_attention`."""
+Kernel packages add entries (e.g. 'triton'); 'auto' is resolved by :func:`hybrid_attention`. The PyTorch entries
+also take ``decay``, which the kernels do not implement yet."""
+PYTORCH_BACKENDS = ("reference", "chunked")
 
 
 def load_kernel_backends() -> None:
@@ -265,8 +296,15 @@ def load_kernel_backends() -> None:
 
 def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                      key_mask: torch.Tensor | None = None, chunk_size: int = 64, backend: str = "auto",
-                     mixing: str = "lolcats", sink_tokens: int = 0):
+                     mixing: str = "lolcats", sink_tokens: int = 0, decay: torch.Tensor | None = None):
     """Dispatch to a backend. 'auto' picks a registered GPU kernel for CUDA tensors when one is present."""
+    if decay is not None:  # the PyTorch paths only (the kernels do not implement the decay yet)
+        if backend not in ("auto",) + PYTORCH_BACKENDS:
+            raise ValueError(f"attention.backend={backend!r} does not implement attention.linear_decay; choose "
+                             f"'auto', 'chunked' or 'reference'")
+        fn = _auto if backend == "auto" else BACKENDS[backend]
+        return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask,
+                  chunk_size=chunk_size, mixing=mixing, sink_tokens=sink_tokens, decay=decay)
     if (backend == "auto" and q.is_cuda) or backend == "triton":
         load_kernel_backends()
         if backend == "triton" and "triton" not in BACKENDS:
@@ -277,6 +315,10 @@ def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = 
         if fn is None or not getattr(fn, "supports", lambda *_, **__: True)(q, fq, mixing=mixing,
                                                                              sink_tokens=sink_tokens):
             fn = _auto  # kernels decline some widths and options
+        elif getattr(fn, "guarded", None) is not None:
+            # lola_kernels.guard: the kernel is self-checked once per device and options against this PyTorch
+            # path, which it falls back to (with one warning) on a mismatch or error
+            fn = functools.partial(fn.guarded, fallback=_auto)
     else:
         try:
             fn = BACKENDS[backend]

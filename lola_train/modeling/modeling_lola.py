@@ -24,7 +24,7 @@ from .hybrid_attention import HybridAttention  # noqa: F401
 from .hybrid_ops import BACKENDS  # noqa: F401
 from .swap_attention import swap_attention_layers
 
-FP32_MODULES = ["feature_map_q", "feature_map_k", "window_factors"]
+FP32_MODULES = ["feature_map_q", "feature_map_k", "window_factors", "decay_factors"]
 """Feature maps and mixing factors stay float32 whatever dtype the rest of the model loads in (spec 9.6)."""
 
 
