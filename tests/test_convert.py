@@ -77,7 +77,9 @@ def test_xent_transfer_loss():
     set_transfer_mode(model, True, xent=True)
     model(ids(length=24))
     for layer in hybrid_layers(model):
-        assert set(layer.transfer_losses) == {"mse", "xent"}
+        assert set(layer.transfer_losses) == {"mse", "xent", "mse_by_position"}
+        assert layer.transfer_losses["mse_by_position"].shape == (24,)
+        assert not layer.transfer_losses["mse_by_position"].requires_grad
         assert torch.isfinite(layer.transfer_losses["xent"]) and layer.transfer_losses["xent"] > 0
 
 
