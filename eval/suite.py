@@ -457,8 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ruler-tasks", default="niah_single_1,niah_single_2,niah_single_3")
     p.add_argument("--ruler-lengths", default="1024,2048,4096")
     p.add_argument("--ruler-limit", type=int, default=10, help="items per RULER task and length")
-    p.add_argument("--ruler-gen-toks", type=int, default=32,
-                   help="max generated tokens per RULER item (RULER's own is 128; the answers come first)")
+    p.add_argument("--ruler-gen-toks", type=int, default=64,
+                   help="max generated tokens per RULER item (RULER's own is 128; the answer comes first, and a "
+                        "UUID (niah_single_3) takes ~40 SmolLM2 tokens: 32 cut it off)")
     p.add_argument("--ruler-teacher-caches", default=None,
                    help="teacher caches for RULER (default: --teacher-caches)")
     p.add_argument("--ruler-caches", default="lola:64:256",
