@@ -5,7 +5,10 @@ kill leaves either the previous complete file or the new complete file, never a 
 """
 from __future__ import annotations
 
+import io
+import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,37 @@ TEMP_PATTERN = ".*.tmp"
 between creating one and renaming it leaves it behind; :func:`remove_stale_temp_files` sweeps them on restart."""
 
 
+PAUSE_HOOK_ENV = "LOLA_TEST_PAUSE_IN_CHECKPOINT"
+"""Test hook: ``<stage>/<file>:<step>`` (e.g. ``finetune/ckpt.pt:4``) makes the save of that file for that step write
+half of its bytes to the temp file, flush them to disk and hang, so that a test can kill the process in the middle
+of a checkpoint write (tests/test_crash_resume.py)."""
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    if _pause_here(path, obj):
+        atomic_write(path, lambda f: _write_half_and_hang(obj, f))
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _pause_here(path: Path, obj: Any) -> bool:
+    hook = os.environ.get(PAUSE_HOOK_ENV, "")
+    if not hook:
+        return False
+    target, _, step = hook.rpartition(":")
+    path = Path(path)
+    return (f"{path.parent.name}/{path.name}" == target and isinstance(obj, dict)
+            and str(obj.get("step")) == step)
+
+
+def _write_half_and_hang(obj: Any, f) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    while True:  # until killed
+        time.sleep(60)
 
 
 def remove_stale_temp_files(out: Path, subfolders: list[str]) -> list[Path]:
@@ -47,6 +79,23 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_record(step: int, previous: dict | None) -> dict:
+    """Content of a process's RNG file for the checkpoint of ``step``: this process's RNG state now and, from the
+    ``previous`` record, the state at the previous checkpoint. The RNG file is written just before ckpt.pt, so a
+    kill between the two leaves ckpt.pt at the previous step, whose state the new file still holds."""
+    states = {step: rng_state()}
+    if previous is not None and previous["step"] != step:
+        states[previous["step"]] = previous["rng"]
+    return {"step": step, "rng": states[step], "states": states}
+
+
+def rng_for_step(record: dict | None, step: int) -> dict | None:
+    """The RNG state an RNG file holds for ``step`` (files written before ``states`` existed hold one step)."""
+    if record is None:
+        return None
+    return (record.get("states") or {record["step"]: record["rng"]}).get(step)
 
 
 def load_rng_state(state: dict) -> None:

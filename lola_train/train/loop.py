@@ -7,7 +7,8 @@ Data order is a function of (seed, epoch) only: every epoch shuffles the train s
 positions ``((s_in_epoch * grad_accum + m) * world + r) * batch_size`` of that order. So the step count *is* the
 data position, and a resumed run reads exactly the batches the uninterrupted run would have read.
 
-Files in the stage folder: ``ckpt.pt`` (last state), ``rng-rank{r}.pt`` (per-process RNG), ``best.pt`` (params
+Files in the stage folder: ``ckpt.pt`` (last state), ``rng-rank{r}.pt`` (per-process RNG at the last two
+checkpoints: it is written first, so it covers ckpt.pt whichever of the two a kill interrupts), ``best.pt`` (params
 with the lowest eval loss). The caller writes the stage's final outputs.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..modeling.attention_config import ConfigError
 from ..recipe import TrainSection
-from .checkpoint import atomic_torch_save, load_named, load_rng_state, rng_state, trainable_state
+from .checkpoint import atomic_torch_save, load_named, load_rng_state, rng_for_step, rng_record, trainable_state
 from .metrics import MetricsLogger
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -135,6 +136,7 @@ def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg
     plain = accelerator.unwrap_model(wrapped)
 
     ckpt_path, best_path = folder / "ckpt.pt", folder / "best.pt"
+    last_rng = None  # this process's RNG at the last checkpoint (its RNG file keeps it next to the newest one)
     start, best_loss, best_step, initial_eval, train_seconds = 0, math.inf, 0, {}, 0.0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -148,9 +150,10 @@ def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg
         start, best_loss, best_step = ckpt["step"], ckpt["best_loss"], ckpt["best_step"]
         initial_eval, train_seconds = ckpt["initial_eval"], ckpt["train_seconds"]
         rng_path = folder / f"rng-rank{rank}.pt"
-        rng = torch.load(rng_path, weights_only=False) if rng_path.exists() else None
-        if rng is not None and rng["step"] == start:
-            load_rng_state(rng["rng"])
+        rng = rng_for_step(torch.load(rng_path, weights_only=False) if rng_path.exists() else None, start)
+        if rng is not None:
+            load_rng_state(rng)
+            last_rng = {"step": start, "rng": rng}
         elif accelerator.is_main_process:
             print(f"{stage}: no RNG state for step {start} of rank {rank}; continuing with the current RNG")
         if accelerator.is_main_process:
@@ -162,7 +165,9 @@ def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg
             atomic_torch_save({"step": step, "loss": loss, "params": trainable_state(named)}, best_path)
 
     def save_checkpoint(step: int) -> None:
-        atomic_torch_save({"step": step, "rng": rng_state()}, folder / f"rng-rank{rank}.pt")
+        nonlocal last_rng
+        last_rng = rng_record(step, last_rng)
+        atomic_torch_save(last_rng, folder / f"rng-rank{rank}.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             epoch, in_epoch = divmod(step, steps_per_epoch)
