@@ -104,8 +104,8 @@ def write_remote_code(folder: Path, base_model_type: str) -> None:
 def export_model(model: nn.Module, tokenizer, target: Path, *, dtype: str = "model") -> Path:
     """Save a converted (LoRA already merged) causal LM to ``target`` as a remote-code HF folder.
 
-    dtype: 'model' keeps the parameter dtypes; otherwise the non-feature-map weights are cast to it while the
-    feature maps and mixing factors stay float32.
+    dtype: 'model' keeps the parameter dtypes; otherwise the weights are cast to it while what stage 1 trains
+    (feature maps, mixing and decay factors) stays float32.
     """
     from .convert import hybrid_layers
 
