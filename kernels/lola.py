@@ -3,23 +3,26 @@ self-recall error of cache candidates, and the fold of evicted pairs into the li
 
 The functions are exactly those of :mod:`lola_train.modeling.lola_ops`:
 
-* :func:`lola_attend_triton` = ``fuse`` applied to ``q k^T / sqrt(d)`` over the softmax set (window + global
-  cache, a boolean mask) and the linear terms ``fq H (+ lin_num)``, ``fq s (+ lin_den)``:
+* :func:`lola_attend_triton` = ``lola_ops.lola_attend``: ``q k^T / sqrt(d)`` over the softmax set J (local keys
+  under a boolean mask: sinks and the window; optionally the global cache, per-slot validity) fused with the
+  linear terms ``fq H (+ lin_num)``, ``fq s (+ lin_den)``:
 
       m_i = max_{j in J(i)} s_ij          (softmax set only, trap T1; rows with no softmax key use m = 0)
-      'lolcats':   y = (sigma sum_J e^{s-m} v + ell num_lin) / (sigma sum_J e^{s-m} + ell den_lin)   (0/1 -> 0)
-      'lola_code': y = (sigma e^{m-c} sum_J e^{s-m} v + (1-sigma) e^{-c} num_lin)
-                       / (sigma e^{m-c} sum_J e^{s-m} + (1-sigma) e^{-c} den_lin + eps e^{-c}),  c = max(m, 0)
+      'lolcats':   y = (sigma sum_J e^{s-m} v + ell num_lin) / (sigma sum_J e^{s-m} + ell den_lin)   (0/0 -> 0)
+      'lola_code': y = (sigma e^{m-c} sum_J e^{s-m} v + ell e^{-c} num_lin)
+                       / (sigma e^{m-c} sum_J e^{s-m} + ell e^{-c} den_lin + eps e^{-c}),  c = max(m, 0)
 
-  The linear terms are never shifted by m. One program per (block of query rows, batch*head): an online max over
-  the key blocks, then the state product fq @ H [D, d] in one tile.
+  (sigma, ell as given: ``hybrid_ops.mixing_weights`` makes ell = 1 - sigma for 'lola_code'.) The linear terms are
+  never shifted by m. One program per (block of query rows, batch*head): an online max over the key blocks of
+  both sets, then the state product fq @ H [D, d] in one tile. The batch may be a batch of segments (one per
+  (chunk, row) of a prefill), each with its own keys, cache and state.
 * :func:`self_recall_error_triton` = ``self_recall_error``:  || v - fk H / (fk . s + eps) ||^2 per candidate.
 * :func:`fold_triton`: H += sum_{folded n} fk_n^T v_n, s += sum_{folded n} fk_n (in place), the state update of
   ``select_and_fold`` (the top-G selection itself stays ``torch.topk``).
 
 All arithmetic is float32 (``tl.dot`` with ``input_precision='ieee'``); k, v, q may be fp32/bf16/fp16 and are
-cast up on load. Grouped heads: k, v (and the fold mask) may have fewer heads than q (head h reads h // groups);
-fq, fk, H and s are per query head. Any lengths (Lq, M, N) work; head dim d and feature width D up to 128.
+cast up on load. Grouped heads: k, v, the cache and the fold mask may have fewer heads than q (head h reads
+h // groups), so GQA keys are never repeated; fq, fk, H and s are per query head. Any lengths (Lq, M, N) work; head dim d and feature width D up to 128.
 """
 from __future__ import annotations
 
@@ -39,16 +42,34 @@ MAX_FEATURE_WIDTH = 128
 
 
 @triton.jit
-def _lola_attn_kernel(Q, K, V, MASK, FQ, HS, SS, LN, LD, SIG, ELL, Y,
-                      Lq, M, H, G, d, D, scale, eps, msb, msh, msq, msm,
+def _softmax_block(acc, l_w, m, q, K, V, kv_off, j0, n_keys, vis_row, cd, d, d_ok, scale,
+                   BM: tl.constexpr, PREC: tl.constexpr):
+    """One block of BM keys (rows j0.. of K, V at kv_off) into the online softmax (acc, l_w, m); vis_row [BQ, BM]:
+    visibility of the block's keys (already False past n_keys)."""
+    j = j0 + tl.arange(0, BM)
+    j_ok = j < n_keys
+    k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    s = tl.where(vis_row, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])  # 0 where not visible
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+    l_w = l_w * alpha + tl.sum(p, 1)
+    return acc, l_w, m_new
+
+
+@triton.jit
+def _lola_attn_kernel(Q, K, V, MASK, K2, V2, OK2, FQ, HS, SS, LN, LD, SIG, ELL, Y,
+                      Lq, M, M2, H, G, G2, d, D, scale, eps, msb, msh, msq, msm,
                       MIXING: tl.constexpr, HAS_LIN: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr,
-                      DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
-    """Y[bh, rows] for one block of BQ query rows of one (batch, head); see the module docstring."""
+                      DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr, HAS_CACHE: tl.constexpr = False):
+    """Y[bh, rows] for one block of BQ query rows of one (batch, head); see the module docstring. G, G2: query
+    heads per head of (K, V) and of the cache (K2, V2, OK2; read only with HAS_CACHE)."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    kv_off = (b * (H // G) + h // G) * M * d
     i = pid_q * BQ + tl.arange(0, BQ)
     cd = tl.arange(0, DH)
     cf = tl.arange(0, DF)
@@ -57,27 +78,24 @@ def _lola_attn_kernel(Q, K, V, MASK, FQ, HS, SS, LN, LD, SIG, ELL, Y,
     f_ok = cf < D
     q = tl.load(Q + bh * Lq * d + i[:, None] * d + cd[None, :], mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)
-    m_base = MASK + b * msb + h * msh + i[:, None] * msq
 
     acc = tl.zeros([BQ, DH], dtype=tl.float32)
     l_w = tl.zeros([BQ], dtype=tl.float32)
     m = tl.full([BQ], _NEG, tl.float32)
-    for j0 in range(0, M, BM):
+    kv_off = (b * (H // G) + h // G) * M * d
+    m_base = MASK + b * msb + h * msh + i[:, None] * msq
+    for j0 in range(0, M, BM):  # local keys (sinks, window), visibility per query
         j = j0 + tl.arange(0, BM)
-        j_ok = j < M
-        k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=j_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
-        v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=j_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
-        vis = tl.load(m_base + j[None, :] * msm, mask=row_ok[:, None] & j_ok[None, :], other=0) != 0
-        s = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])  # 0 where not visible
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
-        l_w = l_w * alpha + tl.sum(p, 1)
-        m = m_new
-    m = tl.where(m > _NEG, m, 0.0)  # fuse's convention for rows with no softmax key (acc = l_w = 0 there)
+        vis = tl.load(m_base + j[None, :] * msm, mask=row_ok[:, None] & (j < M)[None, :], other=0) != 0
+        acc, l_w, m = _softmax_block(acc, l_w, m, q, K, V, kv_off, j0, M, vis, cd, d, d_ok, scale, BM, PREC)
+    if HAS_CACHE:  # the global cache, one validity flag per slot
+        c_head = b * (H // G2) + h // G2
+        for j0 in range(0, M2, BM):
+            j = j0 + tl.arange(0, BM)
+            ok = tl.load(OK2 + c_head * M2 + j, mask=j < M2, other=0) != 0
+            acc, l_w, m = _softmax_block(acc, l_w, m, q, K2, V2, c_head * M2 * d, j0, M2,
+                                         row_ok[:, None] & ok[None, :], cd, d, d_ok, scale, BM, PREC)
+    m = tl.where(m > _NEG, m, 0.0)  # rows with no softmax key (acc = l_w = 0 there)
 
     fq = tl.load(FQ + bh * Lq * D + i[:, None] * D + cf[None, :], mask=row_ok[:, None] & f_ok[None, :],
                  other=0.0).to(tl.float32)
@@ -91,8 +109,8 @@ def _lola_attn_kernel(Q, K, V, MASK, FQ, HS, SS, LN, LD, SIG, ELL, Y,
         den_l += tl.load(LD + bh * Lq + i, mask=row_ok, other=0.0)
 
     sigma = tl.load(SIG + h)
+    ell = tl.load(ELL + h)
     if MIXING == 0:  # 'lolcats'
-        ell = tl.load(ELL + h)
         num = sigma * acc + ell * num_l
         den = sigma * l_w + ell * den_l
         y = num / tl.where(den > 0, den, 1.0)[:, None]
@@ -100,8 +118,8 @@ def _lola_attn_kernel(Q, K, V, MASK, FQ, HS, SS, LN, LD, SIG, ELL, Y,
         c = tl.maximum(m, 0.0)
         soft_scale = tl.exp(m - c)
         lin_scale = tl.exp(-c)
-        num = (sigma * soft_scale)[:, None] * acc + ((1 - sigma) * lin_scale)[:, None] * num_l
-        den = sigma * soft_scale * l_w + (1 - sigma) * lin_scale * den_l + eps * lin_scale
+        num = (sigma * soft_scale)[:, None] * acc + (ell * lin_scale)[:, None] * num_l
+        den = sigma * soft_scale * l_w + ell * lin_scale * den_l + eps * lin_scale
         y = num / den[:, None]
     tl.store(Y + bh * Lq * d + i[:, None] * d + cd[None, :], y, mask=row_ok[:, None] & d_ok[None, :])
 
@@ -216,16 +234,16 @@ def _state_check(h_state, s_state, b, h, dd, d, what):
 
 
 def lola_attend_triton(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str = "lolcats",
-                       eps: float = 1e-6, lin_num=None, lin_den=None, scale: float | None = None,
-                       precision: str = "ieee") -> torch.Tensor:
-    """One LoLA attention segment: queries against the softmax set (window + cache) and the linear state.
+                       eps: float = 1e-6, lin_num=None, lin_den=None, cache_k=None, cache_v=None, cache_ok=None,
+                       scale: float | None = None, precision: str = "ieee") -> torch.Tensor:
+    """LoLA attention of a batch of segments: queries against their softmax set and linear state.
 
-    q [B,H,Lq,d]; k, v [B,Hk,M,d] softmax keys/values (Hk divides H; query head h reads h // (H/Hk));
-    mask [B,H or 1,Lq,M] bool (True = key j is in the softmax set of query i); fq [B,H,Lq,D];
+    q [B,H,Lq,d]; local keys k, v [B,Hk,M,d] (Hk divides H; query head h reads h // (H/Hk)) with mask [B,H or 1,
+    Lq,M] bool (True = key j is in the softmax set of query i); optional cache keys cache_k, cache_v [B,Hs,G,d]
+    (Hs divides H) with cache_ok [B,Hs,G] bool (valid slots, visible to every query); fq [B,H,Lq,D];
     h_state [B,H,D,d], s_state [B,H,D] float32; sigma, ell [H]; optional extra linear terms lin_num [B,H,Lq,d],
     lin_den [B,H,Lq] (e.g. recent pairs not yet folded), added to fq @ H and fq @ s. ``scale`` defaults to
-    1/sqrt(d). Returns y [B,H,Lq,d] float32, equal to ``lola_ops.fuse(q k^T scale, mask, v, fq H + lin_num,
-    fq s + lin_den, sigma, ell, mixing=mixing, eps=eps)``.
+    1/sqrt(d). Returns y [B,H,Lq,d] float32, equal to ``lola_ops.lola_attend`` with the same arguments.
     """
     what = "lola_attend_triton"
     _device_check(q, what)
@@ -243,6 +261,14 @@ def lola_attend_triton(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixin
     _shape("mask", mask, (b, None, lq, m), what)
     if mask.shape[1] not in (1, h):
         raise ValueError(f"{what}: mask must be [batch, heads ({h}) or 1, queries, keys]; got {tuple(mask.shape)}")
+    has_cache = cache_k is not None
+    if has_cache != (cache_v is not None) or has_cache != (cache_ok is not None):
+        raise ValueError(f"{what}: pass all of cache_k, cache_v, cache_ok or none")
+    if has_cache:
+        _shape("cache_k", cache_k, (b, None, None, d), what)
+        _shape("cache_v", cache_v, tuple(cache_k.shape), what)
+        _heads_divide("cache_k", cache_k.shape[1], h, what)
+        _shape("cache_ok", cache_ok, tuple(cache_k.shape[:3]), what)
     _shape("fq", fq, (b, h, lq, None), what)
     dd = fq.shape[-1]
     _state_check(h_state, s_state, b, h, dd, d, what)
@@ -253,7 +279,10 @@ def lola_attend_triton(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixin
     if lin_num is not None:
         _shape("lin_num", lin_num, (b, h, lq, d), what)
         _shape("lin_den", lin_den, (b, h, lq), what)
-    for name, t in (("k", k), ("v", v), ("mask", mask), ("fq", fq), ("h_state", h_state), ("s_state", s_state)):
+    tensors = [("k", k), ("v", v), ("mask", mask), ("fq", fq), ("h_state", h_state), ("s_state", s_state)]
+    if has_cache:
+        tensors += [("cache_k", cache_k), ("cache_v", cache_v), ("cache_ok", cache_ok)]
+    for name, t in tensors:
         if t.device != q.device:
             raise ValueError(f"{what}: {name} is on {t.device} but q is on {q.device}; move all inputs to one device")
     y = torch.empty(b, h, lq, d, device=q.device, dtype=torch.float32)
@@ -266,14 +295,19 @@ def lola_attend_triton(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixin
     has_lin = lin_num is not None
     ln = lin_num.float().contiguous() if has_lin else y
     ld = lin_den.float().contiguous() if has_lin else y
+    if has_cache:
+        k2, v2, ok2, m2, g2 = (cache_k.contiguous(), cache_v.contiguous(), cache_ok.to(torch.int8).contiguous(),
+                               cache_k.shape[2], h // cache_k.shape[1])
+    else:
+        k2, v2, ok2, m2, g2 = k, v, mk, 0, 1
     bq, bm = attend_blocks(lq, d)
     grid = (triton.cdiv(lq, bq), b * h)
-    _lola_attn_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), mk, fq.contiguous(),
+    _lola_attn_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), mk, k2, v2, ok2, fq.contiguous(),
                             h_state.contiguous(), s_state.contiguous(), ln, ld, sigma.float().contiguous(),
-                            ell.float().contiguous(), y, lq, m, h, h // hk, d, dd,
+                            ell.float().contiguous(), y, lq, m, m2, h, h // hk, g2, d, dd,
                             1.0 / math.sqrt(d) if scale is None else float(scale), float(eps), msb, msh, msq, msm,
-                            MIXING=MIXING_CODES[mixing], HAS_LIN=has_lin, BQ=bq, BM=bm, DH=_pow2(d), DF=_pow2(dd),
-                            PREC=precision, num_warps=4)
+                            MIXING=MIXING_CODES[mixing], HAS_LIN=has_lin, HAS_CACHE=has_cache, BQ=bq, BM=bm,
+                            DH=_pow2(d), DF=_pow2(dd), PREC=precision, num_warps=4)
     return y
 
 

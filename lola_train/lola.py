@@ -83,24 +83,27 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
 def bytes_table(shapes: Mapping[str, Mapping[str, int]] | None = None,
                 settings: Iterable[LolaCacheConfig] | None = None, contexts: Iterable[int] = (1024, 4096, 16384,
                                                                                               32768),
-                *, feature_width: int = 128, dtype_bytes: int = 2) -> list[dict]:
-    """Rows {model, lola (settings), context, kv_bytes, lola_bytes, ratio} for each model shape, LoLA setting and
-    context. Settings with window None take the shape's trained window; window_mode 'auto' means 'sliding'."""
+                *, feature_width: int = 128, dtype_bytes: int = 2, sink_tokens: int = 0) -> list[dict]:
+    """Rows {model, lola (settings), sinks, context, kv_bytes, lola_bytes, ratio} for each model shape, LoLA
+    setting and context, for models trained with ``sink_tokens`` attention sinks (their sink buffer is counted).
+    Settings with window None take the shape's trained window; window_mode 'auto' means 'sliding'."""
     shapes = MODEL_SHAPES if shapes is None else shapes
     settings = list(settings) if settings is not None else [LolaCacheConfig(global_size=g) for g in (0, 64, 256)]
     rows = []
     for name, shape in shapes.items():
         for s in settings:
-            attention = AttentionConfig(window_size=shape["window"], window_layout="sw")
+            attention = AttentionConfig(window_size=shape["window"], window_layout="sw", sink_tokens=sink_tokens)
             r = s.resolve(attention)
             lola = lola_bytes_per_sequence(num_layers=shape["num_layers"], num_heads=shape["num_heads"],
                                            num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
-                                           feature_width=feature_width, settings=r, dtype_bytes=dtype_bytes)
+                                           feature_width=feature_width, settings=r, dtype_bytes=dtype_bytes,
+                                           sink_tokens=sink_tokens)
             for ctx in contexts:
                 kv = kv_bytes_per_sequence(num_layers=shape["num_layers"], num_kv_heads=shape["num_kv_heads"],
                                            head_dim=shape["head_dim"], context=ctx, dtype_bytes=dtype_bytes)
                 rows.append(dict(model=name, window=r.window, global_size=r.global_size, chunk=r.chunk_size,
-                                 window_mode=r.window_mode, gqa_selection=r.gqa_selection, context=ctx,
+                                 window_mode=r.window_mode, gqa_selection=r.gqa_selection, sinks=sink_tokens,
+                                 context=ctx,
                                  kv_bytes=kv, lola_bytes=lola, ratio=kv / lola))
     return rows
 

@@ -1,6 +1,7 @@
-"""Triton LoLA inference kernels (lola_kernels.lola) against the PyTorch functions of lola_ops: the attention
-segment vs ``fuse``, the self-recall error vs ``self_recall_error``, the fold vs ``select_and_fold``'s state
-update, and one LolaLayer run with backend 'triton' vs 'chunked'.
+"""Triton LoLA inference kernels (lola_kernels.lola) against the PyTorch functions of lola_ops: the attention of
+a batch of segments vs ``lola_attend`` (local keys under a mask, optionally the global cache per storage head),
+the self-recall error vs ``self_recall_error``, the fold vs ``select_and_fold``'s state update, and LolaLayer runs
+(batched prefill + decode, with sinks) with backend 'triton' vs 'chunked'.
 
 Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, tests/conftest.py), so shapes stay
 small. With CUDA the same tests run the compiled kernels.
@@ -21,7 +22,8 @@ pytest.importorskip("triton")
 
 import lola_kernels  # noqa: E402
 import lola_kernels.lola as kl  # noqa: E402
-from lola_train.modeling.lola_ops import expand_heads, fuse, select_and_fold, self_recall_error  # noqa: E402
+from lola_train.modeling.lola_ops import (expand_heads, lola_attend, select_and_fold,  # noqa: E402
+                                          self_recall_error)
 
 if DEVICE == "cpu" and not kl.interpreting():
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on this "
@@ -43,13 +45,14 @@ def features(g, *shape):
     return torch.softmax(torch.randn(*shape, generator=g), -1)  # Hedgehog-like positive features
 
 
-def attend_inputs(b, h, hk, lq, m, d, feat, *, mask_heads, scale=1.0, seed=0, dtype=torch.float32):
+def attend_inputs(b, h, hk, lq, m, d, feat, *, mask_heads, scale=1.0, seed=0, dtype=torch.float32, cache_heads=0,
+                  g_cache=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, lq, d, generator=g) * scale
     k = torch.randn(b, hk, m, d, generator=g) * scale
     v = torch.randn(b, hk, m, d, generator=g)
     mask = torch.rand(b, mask_heads, lq, m, generator=g) < 0.4
-    mask[:, :, ::5] = False                  # fully masked rows: only the linear memory (or nothing) is seen
+    mask[:, :, ::5] = False                  # fully masked rows: only the cache and the linear memory are seen
     fq = features(g, b, h, lq, feat)
     fk = features(g, b, h, 40, feat)         # a state built from 40 folded pairs
     hv = torch.randn(b, h, 40, d, generator=g)
@@ -61,45 +64,62 @@ def attend_inputs(b, h, hk, lq, m, d, feat, *, mask_heads, scale=1.0, seed=0, dt
     ell = torch.rand(h, generator=g) + 0.5
     cast = [t.to(DEVICE, dtype) for t in (q, k, v)]
     rest = [t.to(DEVICE) for t in (mask, fq, h_state, s_state, sigma, ell, lin_num, lin_den)]
-    return cast + rest
+    cache = {}
+    if cache_heads:
+        cache = dict(cache_k=(torch.randn(b, cache_heads, g_cache, d, generator=g) * scale).to(DEVICE, dtype),
+                     cache_v=torch.randn(b, cache_heads, g_cache, d, generator=g).to(DEVICE, dtype),
+                     cache_ok=(torch.rand(b, cache_heads, g_cache, generator=g) < 0.7).to(DEVICE))
+        cache["cache_ok"][:, :, 0] = False   # an empty slot in every head
+    return cast + rest, cache
 
 
-def attend_reference(q, k, v, mask, fq, h_state, s_state, sigma, ell, lin_num, lin_den, mixing, eps=1e-6):
-    h, d = q.shape[1], q.shape[-1]
-    kf, vf = expand_heads(k, h).float(), expand_heads(v, h).float()
-    logits = (q.float() @ kf.transpose(-1, -2)) / math.sqrt(d)
-    num, den = fq @ h_state, (fq @ s_state.unsqueeze(-1)).squeeze(-1)
-    if lin_num is not None:
-        num, den = num + lin_num, den + lin_den
-    return fuse(logits, mask.expand(-1, h, -1, -1), vf, num, den, sigma, ell, mixing=mixing, eps=eps)
+def attend_reference(q, k, v, mask, fq, h_state, s_state, sigma, ell, lin_num, lin_den, mixing, eps=1e-6, **cache):
+    return lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, mixing=mixing, eps=eps, lin_num=lin_num,
+                       lin_den=lin_den, **cache)
+
+
+def test_lola_attend_is_one_fusion_over_both_key_sets():
+    """The PyTorch twin itself: local keys under the mask plus valid cache keys, fused once = one softmax block
+    over the concatenation (cache per query head, the local keys repeated for GQA), as in lola_ops.fuse."""
+    from lola_train.modeling.lola_ops import fuse
+    (q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld), cache = attend_inputs(2, 4, 2, 9, 13, 16, 8, mask_heads=1,
+                                                                          cache_heads=4, g_cache=6, scale=2.0)
+    for mixing in ("lolcats", "lola_code"):
+        got = lola_attend(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln, lin_den=ld, **cache)
+        logits = q @ torch.cat([expand_heads(k, 4), cache["cache_k"]], 2).transpose(-1, -2) / 4.0
+        both = torch.cat([mask.expand(-1, 4, -1, -1), cache["cache_ok"][:, :, None].expand(-1, -1, 9, -1)], -1)
+        want = fuse(logits, both, torch.cat([expand_heads(v, 4), cache["cache_v"]], 2), fq @ hs + ln,
+                    (fq @ ss.unsqueeze(-1)).squeeze(-1) + ld, sigma, ell, mixing=mixing)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 ATTEND_CASES = [
-    # (b, h, hk, lq, m, d, D, mask_heads, extra linear terms, logit scale)
-    pytest.param(1, 2, 2, 1, 50, 64, 32, 2, False, 1.0, id="decode-d64"),
-    pytest.param(2, 4, 2, 1, 50, 128, 32, 4, True, 1.0, id="decode-d128-gqa"),
-    pytest.param(1, 2, 2, 37, 50, 64, 32, 1, True, 1.0, id="chunk37-d64-maskhead1"),
-    pytest.param(1, 4, 1, 37, 50, 128, 16, 4, False, 1.0, id="chunk37-d128-gqa4"),
-    pytest.param(1, 2, 2, 70, 83, 64, 128, 2, True, 3.0, id="chunk70-D128-large-logits"),
+    # (b, h, hk, lq, m, d, D, mask_heads, extra linear terms, logit scale, cache heads, cache slots)
+    pytest.param(1, 2, 2, 1, 50, 64, 32, 2, False, 1.0, 0, 0, id="decode-d64"),
+    pytest.param(2, 4, 2, 1, 50, 128, 32, 4, True, 1.0, 4, 20, id="decode-d128-gqa-cache-per-query-head"),
+    pytest.param(1, 2, 2, 37, 50, 64, 32, 1, True, 1.0, 0, 0, id="chunk37-d64-maskhead1"),
+    pytest.param(1, 4, 1, 37, 50, 128, 16, 4, False, 1.0, 1, 70, id="chunk37-d128-gqa4-cache-per-kv-head"),
+    pytest.param(3, 2, 2, 70, 83, 64, 128, 2, True, 3.0, 2, 33, id="segments3-chunk70-D128-large-logits-cache"),
 ]
 
 
 @pytest.mark.parametrize("mixing", ["lolcats", "lola_code"])
-@pytest.mark.parametrize("b,h,hk,lq,m,d,feat,mask_heads,extra,scale", ATTEND_CASES)
-def test_attend_matches_fuse(b, h, hk, lq, m, d, feat, mask_heads, extra, scale, mixing):
-    q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld = attend_inputs(b, h, hk, lq, m, d, feat, mask_heads=mask_heads,
-                                                                  scale=scale)
+@pytest.mark.parametrize("b,h,hk,lq,m,d,feat,mask_heads,extra,scale,cache_heads,g_cache", ATTEND_CASES)
+def test_attend_matches_torch(b, h, hk, lq, m, d, feat, mask_heads, extra, scale, cache_heads, g_cache, mixing):
+    (q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld), cache = attend_inputs(
+        b, h, hk, lq, m, d, feat, mask_heads=mask_heads, scale=scale, cache_heads=cache_heads, g_cache=g_cache)
     if not extra:
         ln = ld = None
-    got = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln, lin_den=ld)
-    want = attend_reference(q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld, mixing)
+    got = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln, lin_den=ld,
+                                **cache)
+    want = attend_reference(q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld, mixing, **cache)
     assert_close(got, want, 2e-5, f"y ({mixing})")
 
 
 def test_attend_max_over_softmax_set_only():
     """Trap T1: a huge logit on a masked key must not shift the max (the linear terms stay unshifted), and a row
     whose softmax set is empty gives exactly its linear read-out."""
-    q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld = attend_inputs(1, 2, 2, 5, 20, 64, 32, mask_heads=2)
+    (q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld), _ = attend_inputs(1, 2, 2, 5, 20, 64, 32, mask_heads=2)
     k[:, :, 3] = q[:, :, 0].mean(1, keepdim=True) * 40   # key 3: logit far above the others
     mask[:, :, :, 3] = False
     mask[:, :, 1] = False                                  # row 1: no softmax key at all
@@ -114,8 +134,8 @@ def test_attend_max_over_softmax_set_only():
 
 def test_lola_code_very_negative_logits_stay_finite():
     """'lola_code' is stabilised with c = max(m, 0), not m: with every softmax logit near -120, e^{-m} would
-    overflow fp32 and give inf/inf; fuse (and the kernel) keep the linear terms at scale e^0."""
-    q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld = attend_inputs(1, 2, 2, 4, 12, 64, 32, mask_heads=2)
+    overflow fp32 and give inf/inf; lola_attend (and the kernel) keep the linear terms at scale e^0."""
+    (q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld), _ = attend_inputs(1, 2, 2, 4, 12, 64, 32, mask_heads=2)
     k[:] = -15 * q[:, :, 1:2] + 0.01 * k   # row 1: logits about -15 |q|^2 / 8 ~ -120
     mask[:, :, 1] = False
     mask[:, :, 1, :5] = True
@@ -126,8 +146,8 @@ def test_lola_code_very_negative_logits_stay_finite():
 
 
 def test_attend_bf16_inputs():
-    q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld = attend_inputs(1, 2, 1, 9, 30, 64, 32, mask_heads=1,
-                                                                  dtype=torch.bfloat16)
+    (q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld), _ = attend_inputs(1, 2, 1, 9, 30, 64, 32, mask_heads=1,
+                                                                       dtype=torch.bfloat16)
     got = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, lin_num=ln, lin_den=ld)
     assert got.dtype == torch.float32
     assert_close(got, attend_reference(q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld, "lolcats"), 2e-5, "y bf16")
@@ -188,13 +208,15 @@ def test_fold_non_contiguous_state_updated_in_place():
 
 
 def test_clear_errors():
-    q, k, v, mask, fq, hs, ss, sigma, ell, _, _ = attend_inputs(1, 2, 2, 3, 10, 64, 32, mask_heads=2)
+    (q, k, v, mask, fq, hs, ss, sigma, ell, _, _), _ = attend_inputs(1, 2, 2, 3, 10, 64, 32, mask_heads=2)
     with pytest.raises(ValueError, match="mixing"):
         kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, mixing="nope")
     with pytest.raises(ValueError, match="mask must have shape"):
         kl.lola_attend_triton(q, k, v, mask[..., :5], fq, hs, ss, sigma, ell)
     with pytest.raises(ValueError, match="h_state must be float32"):
         kl.lola_attend_triton(q, k, v, mask, fq, hs.double(), ss, sigma, ell)
+    with pytest.raises(ValueError, match="cache_ok"):
+        kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, cache_k=k, cache_v=v)
     with pytest.raises(ValueError, match="k has 3 heads"):
         kl.lola_attend_triton(q.repeat(1, 2, 1, 1), k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1),
                               mask[:, :1], fq.repeat(1, 2, 1, 1), hs.repeat(1, 2, 1, 1), ss.repeat(1, 2, 1),
@@ -202,36 +224,32 @@ def test_clear_errors():
 
 
 def test_select_and_fold_dispatch_matches_torch():
-    """select_and_fold with backend 'triton' (kernels for SRE and the fold, torch.topk between) == 'chunked'."""
+    """select_and_fold with backend 'triton' (kernels for SRE and the fold, argsort between) == 'chunked'."""
     g = torch.Generator().manual_seed(3)
     b, h, hs_heads, n, d, feat = 2, 4, 2, 23, 64, 32
-    weight = torch.randn(h, d, feat, generator=g) * 0.3
-
-    def fmap(x):
-        return torch.softmax(torch.einsum("bhnd,hdf->bhnf", x.float(), weight.to(x.device)), -1)
-
     cand_k = torch.randn(b, hs_heads, n, d, generator=g).to(DEVICE)
     cand_v = torch.randn(b, hs_heads, n, d, generator=g).to(DEVICE)
     cand_pos = torch.arange(n, dtype=torch.int32).repeat(b, hs_heads, 1).to(DEVICE)
     cand_pos[0, :, 5:9] = -1
+    cand_fk = features(g, b, h, n, feat).to(DEVICE)
     old = features(g, b, h, 30, feat).to(DEVICE)
     h0, s0 = old.transpose(-1, -2) @ torch.randn(b, h, 30, d, generator=g).to(DEVICE), old.sum(2)
     outs = {}
     for backend in ("chunked", "triton"):
+        cand = [t.clone() for t in (cand_k, cand_v, cand_pos, cand_fk)]
         hs, ss = h0.clone(), s0.clone()
-        cache = select_and_fold(cand_k, cand_v, cand_pos, fmap, hs, ss, global_size=6, gqa_selection="kv_mean",
-                                backend=backend)
-        outs[backend] = (cache, hs, ss)
-    (ck0, cv0, cp0), h_ref, s_ref = outs["chunked"]
-    (ck1, cv1, cp1), h_got, s_got = outs["triton"]
-    assert torch.equal(cp0, cp1) and torch.equal(ck0, ck1) and torch.equal(cv0, cv1)
+        select_and_fold(*cand, hs, ss, global_size=6, gqa_selection="kv_mean", backend=backend)
+        outs[backend] = ([t[:, :, :6] for t in cand], hs, ss)
+    (cache0, h_ref, s_ref), (cache1, h_got, s_got) = outs["chunked"], outs["triton"]
+    for t0, t1 in zip(cache0, cache1):
+        assert torch.equal(t0, t1)
     assert_close(h_got, h_ref, 2e-5, "H")
     assert_close(s_got, s_ref, 2e-5, "s")
 
 
 def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
-    """A tiny LolaLayer run (prefill in chunks with cache updates, then decode steps) with attention.backend
-    'triton' (the kernels, counted) against 'chunked' (the PyTorch path)."""
+    """A tiny LolaLayer run (a batched prefill over 3 chunks with cache updates, then decode steps; left padding;
+    sinks in the second run) with attention.backend 'triton' (the kernels, counted) against 'chunked'."""
     from lola_train.convert import convert
     from lola_train.models import load_model
     from lola_train.modeling.lola_cache import LolaCacheConfig, LolaLayer
@@ -263,8 +281,9 @@ def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
         monkeypatch.setattr(kl, name, counted)
 
     results = {}
-    for mixing, gqa in (("lolcats", "query_head"), ("lola_code", "kv_max")):  # cache per query head / per KV head
+    for mixing, gqa, sinks in (("lolcats", "query_head", 0), ("lola_code", "kv_max", 2)):
         settings = LolaCacheConfig(window=w, global_size=3, chunk_size=w, mixing=mixing, gqa_selection=gqa)
+        monkeypatch.setattr(attn.attention_config, "sink_tokens", sinks)
         for backend in ("chunked", "triton"):
             monkeypatch.setattr(attn.attention_config, "backend", backend)
             lay = LolaLayer(settings)
@@ -278,7 +297,7 @@ def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
         assert torch.equal(lay0.cache_pos, lay1.cache_pos)
         assert_close(lay1.h_state, lay0.h_state, 5e-5, "H")
         assert_close(lay1.s_state, lay0.s_state, 5e-5, "s")
-    assert calls.get("lola_attend_triton", 0) >= 2 * 7, calls  # 3 prefill segments + 4 decode steps per mixing
+    assert calls.get("lola_attend_triton", 0) >= 2 * 5, calls  # 1 batched prefill + 4 decode steps per mixing
     assert calls.get("self_recall_error_triton", 0) > 0 and calls.get("fold_triton", 0) > 0, calls
 
 

@@ -1,17 +1,21 @@
-"""LoLA cache at the layer level: streaming state vs the quadratic reference, the plain hybrid layer, the
-coverage invariant, and bad settings. Random q, k, v fed straight into LolaLayer.attend."""
+"""LoLA cache at the layer level: the batched streaming state vs the quadratic reference (every window mode, both
+fusions, GQA selections, sinks, odd lengths, mixed left padding, any split into calls), per-row update timing (a
+padded row equals the row alone), the plain hybrid layer (G = 0, a large window, a large cache), the coverage
+invariant and the memory attribution, and bad settings. Random q, k, v fed straight into LolaLayer.attend."""
 import pytest
 import torch
 
 from lola_train.convert import convert
 from lola_train.models import load_model
 from lola_train.modeling import ConfigError
+from lola_train.modeling.attention_config import AttentionConfig
 from lola_train.modeling.hybrid_attention import repeat_kv
-from lola_train.modeling.hybrid_ops import hybrid_attention_reference
+from lola_train.modeling.hybrid_ops import hybrid_attention_reference, mixing_weights
 from lola_train.modeling.lola_cache import LolaCacheConfig, LolaLayer
-from lola_train.modeling.lola_ops import lola_reference, self_recall_error
+from lola_train.modeling.lola_ops import MEMORIES, lola_reference, select_and_fold, self_recall_error
 
-B, H, HK, D_HEAD, W = 2, 4, 2, 8, 4
+B, H, HK, D_HEAD, W = 3, 4, 2, 8, 4
+PADS = (0, 3, 6)  # mixed left padding in one batch: none, less than a chunk, more than a chunk
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,12 +35,22 @@ def attn():
     return layer
 
 
-def inputs(length, seed=1, pads=(0, 3)):
+@pytest.fixture
+def trained(attn, monkeypatch):
+    """trained(mixing=..., sink_tokens=..., window_layout=...): set the layer's trained options for one test."""
+    def set_options(**options):
+        for name, value in options.items():
+            monkeypatch.setattr(attn.attention_config, name, value)
+        return attn
+    return set_options
+
+
+def inputs(length, seed=1, pads=PADS):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, length, D_HEAD, generator=g)
-    k = torch.randn(B, HK, length, D_HEAD, generator=g)
-    v = torch.randn(B, HK, length, D_HEAD, generator=g)
-    mask = torch.ones(B, length, dtype=torch.bool)
+    q = torch.randn(len(pads), H, length, D_HEAD, generator=g)
+    k = torch.randn(len(pads), HK, length, D_HEAD, generator=g)
+    v = torch.randn(len(pads), HK, length, D_HEAD, generator=g)
+    mask = torch.ones(len(pads), length, dtype=torch.bool)
     for b, p in enumerate(pads):
         mask[b, :p] = False  # left padding
     return q, k, v, mask
@@ -56,24 +70,25 @@ def stream(layer_attn, settings, q, k, v, mask, split, hook=None):
 
 def reference(layer_attn, settings, q, k, v, mask):
     s = settings.resolve(layer_attn.attention_config)
-    kk, vv = repeat_kv(k, H // HK), repeat_kv(v, H // HK)
     with torch.no_grad():
-        fq, fk = layer_attn.feature_map_q(q), layer_attn.feature_map_k(kk)
-        sigma, ell = layer_attn.mixing_factors()
-        return lola_reference(q, kk, vv, fq, fk, sigma, ell, window=s.window, global_size=s.global_size,
-                              update_positions=range(s.chunk_size, q.shape[2], s.chunk_size),
-                              window_mode=s.window_mode, mixing=s.mixing, gqa_selection=s.gqa_selection,
-                              num_kv_heads=HK, key_mask=mask)
+        fq, fk = layer_attn.feature_map_q(q), layer_attn.feature_map_k(repeat_kv(k, H // HK))
+        sigma, ell = mixing_weights(layer_attn.window_factors, s.mixing)
+        return lola_reference(q, k, v, fq, fk, sigma, ell, window=s.window, global_size=s.global_size,
+                              chunk_size=s.chunk_size, window_mode=s.window_mode, mixing=s.mixing,
+                              gqa_selection=s.gqa_selection, key_mask=mask,
+                              sink_tokens=layer_attn.attention_config.sink_tokens)
 
 
 SPLITS = {"prefill": [23], "decode": [1] * 23, "mixed": [5, 1, 1, 9, 7]}
 
 
-@pytest.mark.parametrize("mode,chunk", [("sliding", 3), ("sliding", 4), ("chunk", 4)])
+@pytest.mark.parametrize("mode,chunk", [("sliding", 3), ("sliding", 4), ("chunk", 4), ("chunk", 3)])
 @pytest.mark.parametrize("global_size", [0, 3])
 @pytest.mark.parametrize("gqa", ["query_head", "kv_max"])
 @pytest.mark.parametrize("mixing", ["lolcats", "lola_code"])
-def test_streaming_matches_reference_for_any_split(attn, mode, chunk, global_size, gqa, mixing):
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_streaming_matches_reference_for_any_split(attn, trained, mode, chunk, global_size, gqa, mixing, sinks):
+    trained(sink_tokens=sinks)
     cfg = LolaCacheConfig(window=W, global_size=global_size, chunk_size=chunk, window_mode=mode,
                           gqa_selection=gqa, mixing=mixing)
     q, k, v, mask = inputs(23)
@@ -86,46 +101,94 @@ def test_streaming_matches_reference_for_any_split(attn, mode, chunk, global_siz
         assert torch.isfinite(y).all()
 
 
-def test_global_cache_changes_the_output(attn):
+@pytest.mark.parametrize("global_size", [0, 3])
+@pytest.mark.parametrize("mixing,sinks", [("lolcats", 0), ("lola_code", 2)])
+def test_tk_prefill_matches_reference(attn, trained, global_size, mixing, sinks):
+    """'tk' aligns its blocks to the end of each call, so the one-call reference is compared with one call."""
+    trained(sink_tokens=sinks)
+    cfg = LolaCacheConfig(window=W, global_size=global_size, chunk_size=3, window_mode="tk", mixing=mixing)
+    q, k, v, mask = inputs(29, seed=4)
+    y_ref, _ = reference(attn, cfg, q, k, v, mask)
+    y, _ = stream(attn, cfg, q, k, v, mask, [29])
+    torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5)
+
+
+def test_long_calls_run_in_blocks(attn, monkeypatch):
+    """A call longer than SEGMENT_BLOCK_TOKENS is attended block by block, carrying the state between blocks."""
+    cfg = LolaCacheConfig(window=W, global_size=3, chunk_size=3)
     q, k, v, mask = inputs(23)
-    y0, _ = stream(attn, LolaCacheConfig(window=W, global_size=0), q, k, v, mask, [23])
-    y3, _ = stream(attn, LolaCacheConfig(window=W, global_size=3), q, k, v, mask, [23])
-    assert (y0 - y3).abs().max() > 1e-3
+    y_ref, _ = reference(attn, cfg, q, k, v, mask)
+    monkeypatch.setattr(LolaLayer, "SEGMENT_BLOCK_TOKENS", 6)  # 2 chunks per block
+    y, _ = stream(attn, cfg, q, k, v, mask, [23])
+    torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sliding", "tk", "chunk"])
+@pytest.mark.parametrize("global_size,chunk", [(0, 3), (3, 3), (3, 4), (5, 2)])
+@pytest.mark.parametrize("update_every", ["chunk", "token"])
+def test_padded_row_equals_the_row_alone(attn, trained, mode, global_size, chunk, update_every):
+    """Updates are timed by each row's real tokens: rows with 0, 3 and 6 pad tokens in one batch give what each
+    gives alone, for a prefill and the decode steps after it (outputs and final state)."""
+    trained(sink_tokens=2)
+    cfg = LolaCacheConfig(window=W, global_size=global_size, chunk_size=chunk, window_mode=mode,
+                          update_every=update_every)
+    prompt, steps = 13, 9
+    q, k, v, mask = inputs(prompt + steps, seed=7)
+    y, lay = stream(attn, cfg, q, k, v, mask, [prompt] + [1] * steps)
+    for b, pad in enumerate(PADS):
+        sl = slice(pad, None)
+        alone, lay1 = stream(attn, cfg, q[b:b + 1, :, sl], k[b:b + 1, :, sl], v[b:b + 1, :, sl],
+                             mask[b:b + 1, sl], [prompt - pad] + [1] * steps)
+        torch.testing.assert_close(y[b:b + 1, :, sl], alone, atol=2e-6, rtol=1e-5, msg=f"row {b}")
+        assert torch.equal(y[b, :, :pad], torch.zeros_like(y[b, :, :pad]))  # padding gives 0
+        assert torch.equal(lay.cache_pos[b].sort(-1).values, lay1.cache_pos[0].sort(-1).values)
+        torch.testing.assert_close(lay.h_state[b], lay1.h_state[0], atol=1e-5, rtol=1e-5)
+        assert int(lay.real_seen[b]) == prompt + steps - pad
+    assert lay.get_seq_length() == prompt + steps  # transformers' counter includes the padding
 
 
 @pytest.mark.parametrize("layout", ["sw", "tk"])
-@pytest.mark.parametrize("split", ["prefill", "decode", "mixed"])
-def test_global_size_zero_is_the_plain_hybrid_layer(attn, layout, split):
-    """G = 0 in the trained layout = the hybrid layer with its DynamicCache: each call attends the whole prefix
-    (tk blocks aligned to the end of the keys seen so far)."""
-    cfg = LolaCacheConfig(global_size=0, window_mode="auto", chunk_size=3)
-    old = attn.attention_config.window_layout
-    attn.attention_config.window_layout = layout
-    try:
-        q, k, v, mask = inputs(23)
-        y, _ = stream(attn, cfg, q, k, v, mask, SPLITS[split])
-        kk, vv = repeat_kv(k, H // HK), repeat_kv(v, H // HK)
+@pytest.mark.parametrize("mixing,sinks", [("lolcats", 0), ("lolcats", 4), ("lola_code", 0), ("lola_code", 4)])
+@pytest.mark.parametrize("settings", [dict(global_size=0), dict(window=32, global_size=0),
+                                      dict(window=2, global_size=32, chunk_size=1, window_mode="sliding")],
+                         ids=["G0", "big-window", "big-G"])
+def test_plain_hybrid_layer_is_the_limit(attn, trained, layout, mixing, sinks, settings):
+    """G = 0 in the trained layout, or a window / cache that holds everything, = the trained hybrid layer (with
+    its DynamicCache: each call attends the whole prefix, tk blocks aligned to the end of the keys so far), for
+    both fusions and with attention sinks; the cache uses the trained mixing ('auto'). The big cache uses the
+    'sliding' window, where every pair leaving the window is scored at once ('tk' keeps a few recent pairs out of
+    its terrace, and so linear, until they are older than 2W)."""
+    trained(window_layout=layout, mixing=mixing, sink_tokens=sinks)
+    window = W if settings.get("global_size") == 0 and "window" not in settings else 32
+    cfg = LolaCacheConfig(chunk_size=settings.get("chunk_size", 3), **{k: v for k, v in settings.items()
+                                                                       if k != "chunk_size"})
+    q, k, v, mask = inputs(23)
+    kk, vv = repeat_kv(k, H // HK), repeat_kv(v, H // HK)
+    with torch.no_grad():
+        fq, fk = attn.feature_map_q(q), attn.feature_map_k(kk)
+        sigma, ell = attn.mixing_factors()
+    for name, split in SPLITS.items():
+        y, _ = stream(attn, cfg, q, k, v, mask, split)
+        parts, a = [], 0
         with torch.no_grad():
-            fq, fk = attn.feature_map_q(q), attn.feature_map_k(kk)
-            sigma, ell = attn.mixing_factors()
-            parts, a = [], 0
-            for n in SPLITS[split]:
+            for n in split:
                 parts.append(hybrid_attention_reference(q[:, :, a:a + n], kk[:, :, :a + n], vv[:, :, :a + n],
                                                         fq[:, :, a:a + n], fk[:, :, :a + n], sigma, ell,
-                                                        window=W, layout=layout, key_mask=mask[:, :a + n]))
+                                                        window=window, layout=layout, key_mask=mask[:, :a + n],
+                                                        mixing=mixing, sink_tokens=sinks))
                 a += n
-        torch.testing.assert_close(y, torch.cat(parts, 2).float(), atol=2e-6, rtol=1e-5)
-    finally:
-        attn.attention_config.window_layout = old
+        torch.testing.assert_close(y, torch.cat(parts, 2).float(), atol=2e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("gqa", ["query_head", "kv_mean"])
 @pytest.mark.parametrize("update_every", ["chunk", "token"])
-def test_every_past_token_is_in_exactly_one_memory(attn, gqa, update_every):
-    """After every call: live window pairs, cached pairs and folded pairs partition the past non-pad tokens.
-    Folded = H and s equal the explicit sums over exactly the tokens in neither the window nor the cache."""
+def test_every_past_token_is_in_exactly_one_memory(attn, trained, gqa, update_every):
+    """After every call: live recent pairs, sinks, cached pairs and folded pairs partition each row's past real
+    tokens; H and s equal the explicit sums over exactly the folded ones; memory_of reports the same partition."""
+    sinks = 2
+    trained(sink_tokens=sinks)
     cfg = LolaCacheConfig(window=W, global_size=3, chunk_size=3, gqa_selection=gqa, update_every=update_every)
-    q, k, v, mask = inputs(29, seed=3, pads=(0, 5))
+    q, k, v, mask = inputs(29, seed=3, pads=(0, 5, 2))
     kk, vv = repeat_kv(k, H // HK), repeat_kv(v, H // HK)
     with torch.no_grad():
         fk = attn.feature_map_k(kk).float()
@@ -133,26 +196,63 @@ def test_every_past_token_is_in_exactly_one_memory(attn, gqa, update_every):
 
     def check(lay, seen):
         assert lay.get_seq_length() == seen
-        r_pos = lay.recent_positions()
-        for b in range(B):
-            live = {int(p) for p, ok in zip(r_pos, lay.recent_valid[b]) if ok and p >= lay.first_live}
+        codes = lay.memory_of(torch.arange(seen + 2))
+        for b in range(3):
+            tokens = torch.nonzero(mask[b, :seen]).flatten().tolist()       # real position r -> token index
+            assert int(lay.real_seen[b]) == len(tokens)
+            n = len(tokens)
+            sink = set(range(min(sinks, n)))
+            live = {int(r) for r in lay.recent_positions()[b] if int(lay.first_live[b]) <= r < n and r >= sinks}
             for h in range(H):
                 hs = h if gqa == "query_head" else h // (H // HK)
-                cached = [int(p) for p in lay.cache_pos[b, hs] if p >= 0]
-                assert len(cached) == len(set(cached)) and not (set(cached) & live)
-                past = {p for p in range(seen) if mask[b, p]}
-                assert set(cached) | live <= past
-                folded = sorted(past - live - set(cached))
-                h_exp = fk[b, h, folded].T @ vv[b, h, folded].float()
-                torch.testing.assert_close(lay.h_state[b, h], h_exp, atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(lay.s_state[b, h], fk[b, h, folded].sum(0), atol=1e-5, rtol=1e-5)
-                assert len(live) + len(cached) + len(folded) == len(past)
+                cached = [int(r) for r in lay.cache_pos[b, hs] if r >= 0]
+                assert len(cached) == len(set(cached)) and not (set(cached) & (live | sink))
+                assert set(cached) | live | sink <= set(range(n))
+                folded = sorted(set(range(n)) - live - sink - set(cached))
+                idx = [tokens[r] for r in folded]
+                torch.testing.assert_close(lay.h_state[b, h], fk[b, h, idx].T @ vv[b, h, idx].float(), atol=1e-5,
+                                           rtol=1e-5)
+                torch.testing.assert_close(lay.s_state[b, h], fk[b, h, idx].sum(0), atol=1e-5, rtol=1e-5)
+                want = [MEMORIES.index("sink") if r in sink else MEMORIES.index("recent") if r in live else
+                        MEMORIES.index("cache") if r in cached else MEMORIES.index("linear") if r < n else -1
+                        for r in range(seen + 2)]
+                assert codes[b, h].tolist() == want
         checked.append(seen)
 
     stream(attn, cfg, q, k, v, mask, [4, 1, 1, 1, 7] + [1] * 15, hook=check)
     assert len(checked) == 20
     _, lay = stream(attn, cfg, q, k, v, mask, [29])
     assert (lay.cache_pos >= 0).all() and lay.h_state.abs().sum() > 0  # the cache is full, the state used
+
+
+def test_select_and_fold_keeps_the_top_scores_in_place():
+    """The first G slots hold the G best candidates by self-recall error afterwards (kept new pairs moved into the
+    slots of dropped ones); exactly the other valid candidates are folded into (H, s)."""
+    g = torch.Generator().manual_seed(5)
+    b, h, n, d, dd, keep = 2, 3, 11, 4, 6, 5
+    cand_k, cand_v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    cand_pos = torch.arange(n, dtype=torch.int32).repeat(b, h, 1)
+    cand_pos[:, :, 2] = -1                   # an empty cache slot
+    cand_pos[0, 1, 8] = -1                   # a candidate that is not one (padding)
+    cand_fk = torch.rand(b, h, n, dd, generator=g)
+    h0, s0 = torch.rand(b, h, dd, d, generator=g), torch.rand(b, h, dd, generator=g)
+    sre = self_recall_error(cand_fk, cand_v, h0, s0).masked_fill(cand_pos < 0, float("-inf"))
+    best = sre.topk(keep, -1).indices
+    before = [t.clone() for t in (cand_k, cand_v, cand_pos, cand_fk)]
+    hs, ss = h0.clone(), s0.clone()
+    select_and_fold(cand_k, cand_v, cand_pos, cand_fk, hs, ss, global_size=keep)
+    for bi in range(b):
+        for hi in range(h):
+            kept = sorted(int(p) for p in cand_pos[bi, hi, :keep])
+            assert kept == sorted(int(before[2][bi, hi, j]) for j in best[bi, hi])
+            for slot in range(keep):  # each slot holds one candidate's k, v, phi_k whole
+                j = int(cand_pos[bi, hi, slot])
+                assert torch.equal(cand_k[bi, hi, slot], before[0][bi, hi, j])
+                assert torch.equal(cand_fk[bi, hi, slot], before[3][bi, hi, j])
+            folded = [j for j in range(n) if before[2][bi, hi, j] >= 0 and j not in best[bi, hi].tolist()]
+            want_h = h0[bi, hi] + before[3][bi, hi, folded].T @ before[1][bi, hi, folded]
+            torch.testing.assert_close(hs[bi, hi], want_h)
+            torch.testing.assert_close(ss[bi, hi], s0[bi, hi] + before[3][bi, hi, folded].sum(0))
 
 
 def test_self_recall_error_definition():
@@ -164,6 +264,8 @@ def test_self_recall_error_definition():
     torch.testing.assert_close(sre, torch.tensor([[[0.0, 2.0]]]))  # (1, 1) vs (0, 2): 1 + 1
     empty = self_recall_error(fk, v, torch.zeros_like(h), torch.zeros_like(s))
     torch.testing.assert_close(empty, (v ** 2).sum(-1))  # H = s = 0: SRE = ||v||^2
+    grouped = self_recall_error(fk.repeat(1, 2, 1, 1), v, h.repeat(1, 2, 1, 1), s.repeat(1, 2, 1), eps=0.0)
+    torch.testing.assert_close(grouped, sre.repeat(1, 2, 1))  # v shared by a group of query heads
 
 
 def test_lola_code_fusion_does_not_overflow(attn):
@@ -173,17 +275,34 @@ def test_lola_code_fusion_does_not_overflow(attn):
     assert torch.isfinite(y).all()
 
 
+def test_mixing_auto_is_the_trained_fusion():
+    trained = AttentionConfig(mixing="lola_code")
+    assert LolaCacheConfig().mixing == "auto"
+    assert LolaCacheConfig().resolve(trained).mixing == "lola_code"
+    assert LolaCacheConfig(mixing="lolcats").resolve(trained).mixing == "lolcats"
+    assert LolaCacheConfig().resolve(AttentionConfig()).mixing == "lolcats"
+
+
 def test_settings_errors_name_the_field():
     with pytest.raises(ConfigError, match="lola_cache.window_mode"):
         LolaCacheConfig(window_mode="ring")
     with pytest.raises(ConfigError, match="lola_cache.global_size"):
         LolaCacheConfig(global_size=-1)
+    with pytest.raises(ConfigError, match="lola_cache.mixing"):
+        LolaCacheConfig(mixing="softmax")
     with pytest.raises(ConfigError, match="unknown lola cache key 'size'"):
         LolaCacheConfig.from_spec("lola size=3")
     with pytest.raises(ConfigError, match="lola_cache.windw"):
         LolaCacheConfig.coerce({"windw": 3})
     cfg = LolaCacheConfig.from_spec("cache=lola window=64 global=256 mixing=lola_code chunk=none")
     assert (cfg.window, cfg.global_size, cfg.mixing, cfg.chunk_size) == (64, 256, "lola_code", None)
+
+
+def test_linear_decay_models_are_refused(attn, trained):
+    trained(linear_decay=64)
+    q, k, v, mask = inputs(5)
+    with pytest.raises(ConfigError, match="linear_decay"):
+        stream(attn, LolaCacheConfig(window=W, global_size=2), q, k, v, mask, [5])
 
 
 def test_crop_is_refused_and_reset_clears(attn):
@@ -194,3 +313,5 @@ def test_crop_is_refused_and_reset_clears(attn):
         lay.crop(-1)
     lay.reset()
     assert lay.get_seq_length() == 0 and not lay.is_initialized and lay.nbytes() == 0
+    with pytest.raises(RuntimeError, match="has not seen"):
+        lay.memory_of(torch.arange(3))

@@ -10,7 +10,8 @@ import torch
 
 from lola_train.convert import convert
 from lola_train.export import export_model
-from lola_train.lola import (bytes_table, disable_lola_cache, enable_lola_cache, format_bytes_table, prefill)
+from lola_train.lola import (MODEL_SHAPES, bytes_table, disable_lola_cache, enable_lola_cache, format_bytes_table,
+                             prefill)
 from lola_train.models import load_model
 from lola_train.modeling.lola_cache import (LolaCache, LolaCacheConfig, LolaLayer, kv_bytes_per_sequence,
                                             lola_bytes_per_sequence)
@@ -104,21 +105,55 @@ def test_switch_on_at_load_time_via_config(model):
 
 
 @torch.no_grad()
-def test_left_padding_never_enters_memory(model):
-    """Row 1 is left-padded by C = 4 tokens (so its update schedule matches running it alone)."""
-    mask = torch.ones_like(IDS)
-    mask[1, :4] = 0
-    ids = IDS.clone()
-    ids[1, :4] = 7  # pad tokens: any id, they must not matter
+@pytest.mark.parametrize("settings", [dict(global_size=3), dict(global_size=3, chunk_size=3, window_mode="chunk")])
+def test_mixed_left_padding_equals_each_row_alone(model, settings):
+    """Rows left-padded by 0, 3 and 6 tokens in one batch (C = 4 or 3: pads are not multiples of C) generate what
+    each generates alone; the pad token ids do not matter."""
+    ids = torch.randint(0, 64, (3, 19), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 3, 6)):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 7
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                           cache=LolaCache(model.config, global_size=3))
-    alone = model.generate(ids[1:, 4:], attention_mask=mask[1:, 4:], max_new_tokens=8, do_sample=False,
-                           cache=LolaCache(model.config, global_size=3))
-    assert torch.equal(batch[1, 19:], alone[0, 15:])
-    ids[1, :4] = 9
+                           cache=LolaCache(model.config, **settings))
+    for row, pad in enumerate((0, 3, 6)):
+        alone = model.generate(ids[row:row + 1, pad:], attention_mask=mask[row:row + 1, pad:], max_new_tokens=8,
+                               do_sample=False, cache=LolaCache(model.config, **settings))
+        assert torch.equal(batch[row, 19:], alone[0, 19 - pad:]), row
+    ids[1:, :3] = 9
     again = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                           cache=LolaCache(model.config, global_size=3))
-    assert torch.equal(again, torch.cat([batch[:1], torch.cat([ids[1:, :4], batch[1:, 4:]], 1)]))
+                           cache=LolaCache(model.config, **settings))
+    assert torch.equal(again[:, 19:], batch[:, 19:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mixing,sinks", [("lola_code", 0), ("lolcats", 4), ("lola_code", 4)])
+def test_trained_fusion_and_sinks_global_size_zero_equals_plain_hybrid(mixing, sinks):
+    """A model trained with the 'lola_code' fusion and/or attention sinks: LoLA with G = 0 computes the trained
+    hybrid layer (prefill and token-by-token decode), and its cache counts the sink buffer."""
+    model, _ = load_model(random=dict(SPEC, seed=3))
+    convert(model, dict(ATTN, mixing=mixing, sink_tokens=sinks))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.window_factors.normal_()
+    mask = torch.ones_like(IDS)
+    mask[1, :5] = 0
+    plain = model(IDS, attention_mask=mask, use_cache=False).logits
+    cache = LolaCache(model.config, global_size=0)
+    lola = model(IDS, attention_mask=mask, cache=cache).logits
+    torch.testing.assert_close(lola[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lola[1, 5:], plain[1, 5:], atol=1e-5, rtol=1e-5)
+    steps, cache = [], LolaCache(model.config, global_size=0)
+    for i in range(IDS.shape[1]):
+        steps.append(model(IDS[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache).logits)
+    steps = torch.cat(steps, 1)
+    torch.testing.assert_close(steps[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steps[1, 5:], plain[1, 5:], atol=1e-5, rtol=1e-5)
+    resolved = LolaCacheConfig(global_size=0).resolve(model.model.layers[0].self_attn.attention_config)
+    assert resolved.mixing == mixing
+    assert cache.bytes_per_sequence() == lola_bytes_per_sequence(
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, feature_width=16, settings=resolved, dtype_bytes=4,
+        sink_tokens=sinks)
 
 
 @torch.no_grad()
@@ -170,6 +205,11 @@ def test_bytes_per_sequence_formula_matches_allocation(model):
     rows = bytes_table(contexts=(4096,))
     assert {r["model"] for r in rows} == {"SmolLM2-135M", "Llama-3.2-1B", "Llama-3.1-8B"}
     assert "| Llama-3.1-8B | 64 | 256 |" in format_bytes_table(rows)
+    with_sinks = bytes_table(contexts=(4096,), sink_tokens=4)  # 4 sink pairs per KV head, bf16, per layer
+    for r0, r4 in zip(rows, with_sinks):
+        shape = MODEL_SHAPES[r0["model"]]
+        assert r4["lola_bytes"] - r0["lola_bytes"] == shape["num_layers"] * 2 * shape["num_kv_heads"] * 4 * \
+            shape["head_dim"] * 2
 
 
 def test_exported_checkpoint_carries_the_cache(tmp_path):

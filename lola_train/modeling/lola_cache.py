@@ -1,18 +1,21 @@
 """LoLA sparse caching as a transformers ``Cache``: constant memory per sequence (spec 4).
 
-Per layer (:class:`LolaLayer`) and per sequence it holds, at fixed sizes once allocated:
+Per layer (:class:`LolaLayer`) and per sequence it holds, at fixed sizes once allocated (positions count each
+row's real tokens, see ``lola_ops``; padding is never stored):
 
-    recent_k, recent_v [B,Hk,R,d]  model dtype  the recent pairs: the softmax window plus pairs that left it and wait
-                                                for the next cache update (R = W-1+C 'sliding', 2W-1+C 'tk'/'chunk');
-                                                stored once per KV head (identical for the heads of a group)
-    recent_valid       [B,R]       bool         False for padding and empty slots
+    recent_k, recent_v [B,Hk,R,d]  model dtype  the last R real tokens of the row: the softmax window plus pairs
+                                                that left it and wait for the next cache update (R = W-1+C
+                                                'sliding', 2W-1+C 'tk'/'chunk'); stored once per KV head
+    sink_k, sink_v     [B,Hk,S,d]  model dtype  the first S real tokens (attention.sink_tokens; S = 0: empty)
     cache_k, cache_v   [B,Hs,G,d]  model dtype  the sparse global cache; Hs = H (per query head, as LoLA) or Hk
                                                 ('kv_mean'/'kv_max' GQA-aware selection)
-    cache_pos          [B,Hs,G]    int32        absolute position of each cached pair, -1 = empty slot
+    cache_pos          [B,Hs,G]    int32        real position of each cached pair, -1 = empty slot
     h_state            [B,H,D,d]   float32      H = sum phi_k(k) v^T over folded pairs (per query head)
     s_state            [B,H,D]     float32      s = sum phi_k(k)
+    real_seen          [B]         int64        real tokens of the row so far
+    first_live         [B]         int64        recent pairs before this position have left the buffer
 
-phi_k(k) is recomputed from the raw keys when needed (scoring, the few recent pairs outside the window), never
+phi_k(k) is recomputed from the raw keys when needed (scoring, the recent pairs outside the window), never
 stored. The math lives in ``lola_ops``; this file does the bookkeeping.
 
 How it is switched on (no custom generate code):
@@ -38,8 +41,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from .attention_config import AttentionConfig, ConfigError, check_choice, check_positive, from_mapping
-from .lola_ops import (GQA_SELECTIONS, MIXINGS, WINDOW_MODES, evict_before, expand_heads, fuse, in_window,
-                       lola_kernels_for, recent_capacity, select_and_fold)
+from .hybrid_ops import MIXINGS, mixing_weights
+from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, evict_before, expand_heads, grouped_matmul,
+                       in_window, lola_attend, lola_kernels_for, recent_capacity, select_and_fold, take_rows)
 
 
 @dataclass
@@ -55,8 +59,9 @@ class LolaCacheConfig:
     update_every:  'chunk' (update at every multiple of C, prefill and decode alike: decode == prefill; the LoLA
                    code) or 'token' (decode updates after every generated token, as the paper describes;
                    prefill still updates per chunk).
-    mixing:        'lolcats' (the trained function, max over window+cache, linear terms never shifted) or
-                   'lola_code' (the LoLA reference code's g : (1-g) fusion, to reproduce its numbers).
+    mixing:        'auto' (the model's trained ``attention.mixing``), 'lolcats' (max over the softmax set, linear
+                   terms never shifted) or 'lola_code' (the LoLA reference code's g : (1-g) fusion, softmax terms
+                   unshifted). An explicit choice takes its weights from ``hybrid_ops.mixing_weights``.
     gqa_selection: 'query_head' (one selection per query head, as LoLA; cache stored per query head), 'kv_mean'
                    / 'kv_max' (one selection per KV head by mean / max SRE over its query heads; stored once).
     eps:           epsilon of the self-recall error and of the 'lola_code' denominator.
@@ -67,7 +72,7 @@ class LolaCacheConfig:
     chunk_size: Optional[int] = None
     window_mode: str = "auto"
     update_every: str = "chunk"
-    mixing: str = "lolcats"
+    mixing: str = "auto"
     gqa_selection: str = "query_head"
     eps: float = 1e-6
 
@@ -83,19 +88,21 @@ class LolaCacheConfig:
                               "(0 = no sparse cache, the plain hybrid model)")
         check_choice(prefix + "window_mode", self.window_mode, ("auto",) + WINDOW_MODES)
         check_choice(prefix + "update_every", self.update_every, ("chunk", "token"))
-        check_choice(prefix + "mixing", self.mixing, MIXINGS)
+        check_choice(prefix + "mixing", self.mixing, ("auto",) + MIXINGS)
         check_choice(prefix + "gqa_selection", self.gqa_selection, GQA_SELECTIONS)
         if not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ConfigError(f"{prefix}eps={self.eps!r} is not valid; it must be a number > 0 (default 1e-6)")
         return self
 
     def resolve(self, attention: AttentionConfig) -> "LolaCacheConfig":
-        """A copy with window, chunk_size and window_mode made concrete for a model with ``attention``."""
+        """A copy with window, chunk_size, window_mode and mixing made concrete for a model with ``attention``."""
         window = self.window or attention.window_size
         mode = self.window_mode
         if mode == "auto":
             mode = "sliding" if attention.window_layout == "sw" else "tk"
-        return dataclasses.replace(self, window=window, chunk_size=self.chunk_size or window, window_mode=mode)
+        mixing = attention.mixing if self.mixing == "auto" else self.mixing
+        return dataclasses.replace(self, window=window, chunk_size=self.chunk_size or window, window_mode=mode,
+                                   mixing=mixing)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,6 +153,50 @@ class LolaCacheConfig:
         return cls(**values)
 
 
+class _Call:
+    """Where the pairs of one ``LolaLayer.attend`` call live, by real position (see lola_ops: positions count each
+    row's real tokens). The keys of the call are addressed in ``ext = [recent buffer (R) ; new tokens (L) ; zero]``.
+
+    r0, r1 [B]: real tokens of each row before / after the call; inv [B,L]: token index (in the call) of the row's
+    k-th new real token, L where there is none; work: the candidate buffers of the call's cache updates
+    (:meth:`LolaLayer._working`), allocated at its first update.
+    """
+
+    def __init__(self, r0: torch.Tensor, r1: torch.Tensor, inv: torch.Tensor, recent: int):
+        self.r0, self.r1, self.inv, self.recent = r0, r1, inv, recent
+        self.length = inv.shape[1]
+        self.work: dict[str, torch.Tensor] | None = None
+
+    def source(self, real: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """real positions [B',X] (rows ``rows`` of the batch, or all) -> index into ext; the zero slot R + L where
+        the pair is not held (older than the recent buffer, or not seen yet)."""
+        r0, r1, inv = self.r0, self.r1, self.inv
+        if rows is not None:
+            r0, r1, inv = r0.index_select(0, rows), r1.index_select(0, rows), inv.index_select(0, rows)
+        rel = real - r0[:, None]
+        zero = self.recent + self.length
+        new = self.recent + inv.gather(1, rel.clamp(0, self.length - 1))
+        old = rel + self.recent
+        return torch.where(rel < 0, torch.where(old >= 0, old, zero), torch.where(real < r1[:, None], new, zero))
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B,h,E,w], index [B,X] -> x[b, :, index[b]] [B,h,X,w]."""
+    return take_rows(x, index[:, None])
+
+
+def _segments(x: torch.Tensor, m: int) -> torch.Tensor:
+    """[B,h,M*X,w] -> [M*B,h,X,w]: one batch entry per (segment, row)."""
+    b, h, n, w = x.shape
+    return x.view(b, h, m, n // m, w).permute(2, 0, 1, 3, 4).reshape(m * b, h, n // m, w)
+
+
+def _rows_of_segments(x: torch.Tensor, m: int) -> torch.Tensor:
+    """The inverse of :func:`_segments`: [M*B,h,X,w] -> [B,h,M*X,w]."""
+    s, h, n, w = x.shape
+    return x.view(m, s // m, h, n, w).permute(1, 2, 0, 3, 4).reshape(s // m, h, m * n, w)
+
+
 class LolaLayer(CacheLayerMixin):
     """LoLA state of one decoder layer. Driven by ``HybridAttention`` through :meth:`attend`; it never stores
     the full keys, so the plain ``update(k, v)`` of transformers' KV caches is not available."""
@@ -154,18 +205,24 @@ class LolaLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
 
+    SEGMENT_BLOCK_TOKENS = 512
+    """Queries attended per batched step of a long call: bounds the memory of the per-chunk cache snapshots."""
+
     def __init__(self, settings: LolaCacheConfig | Mapping[str, Any] | None = None, **kwargs):
         super().__init__()
         self.settings = None if settings is None else LolaCacheConfig.coerce(settings)
         self._clear()
 
     def _clear(self) -> None:
-        self.seen = 0            # tokens (pad included) of this sequence so far: the next absolute position
-        self.first_live = 0      # recent pairs before this position have left the recent buffer (cache or H)
-        self.recent_k = self.recent_v = self.recent_valid = None
+        self.seen = 0            # tokens (padding included) of this sequence so far: transformers' position counter
+        self.real_seen = None    # [B] real tokens per row so far: the next real position
+        self.first_live = None   # [B] recent pairs before this real position have left the buffer (cache or H)
+        self.recent_k = self.recent_v = None
+        self.sink_k = self.sink_v = None
         self.cache_k = self.cache_v = self.cache_pos = None
         self.h_state = self.s_state = None
         self.resolved: LolaCacheConfig | None = None
+        self.sinks = 0
         self.is_initialized = False
 
     # ---- transformers CacheLayerMixin API ------------------------------------------------------------------
@@ -185,9 +242,11 @@ class LolaLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    STATE = ("recent_k", "recent_v", "sink_k", "sink_v", "cache_k", "cache_v", "cache_pos", "h_state", "s_state",
+             "real_seen", "first_live")
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("recent_k", "recent_v", "recent_valid", "cache_k", "cache_v", "cache_pos", "h_state", "s_state")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in self.STATE if getattr(self, n) is not None}
 
     @property
     def batch_size(self) -> int:
@@ -231,6 +290,19 @@ class LolaLayer(CacheLayerMixin):
             self._apply_batch(lambda t: t.to(self.device, non_blocking=True))
 
     # ---- LoLA ---------------------------------------------------------------------------------------------
+    def _resolve(self, attn) -> LolaCacheConfig:
+        if self.resolved is None:
+            if self.settings is None:
+                raise RuntimeError("LolaLayer has no settings: build it with LolaCache(config, ...) or set "
+                                   "model.config.lola_cache (lola_train.lola.enable_lola_cache)")
+            if getattr(attn.attention_config, "linear_decay", None) is not None:
+                raise ConfigError("lola_cache: the model was trained with attention.linear_decay, which the LoLA "
+                                  "cache does not implement (its linear state has no decay); use a DynamicCache "
+                                  "(disable_lola_cache) for this model")
+            self.resolved = self.settings.resolve(attn.attention_config)
+            self.sinks = attn.attention_config.sink_tokens
+        return self.resolved
+
     def _allocate(self, attn, k: torch.Tensor) -> None:
         cfg = self.resolved
         b, hk, _, d = k.shape
@@ -241,18 +313,39 @@ class LolaLayer(CacheLayerMixin):
         self.device = dev
         self.recent_k = torch.zeros(b, hk, r, d, dtype=dt, device=dev)
         self.recent_v = torch.zeros(b, hk, r, d, dtype=dt, device=dev)
-        self.recent_valid = torch.zeros(b, r, dtype=torch.bool, device=dev)
+        self.sink_k = torch.zeros(b, hk, self.sinks, d, dtype=dt, device=dev)
+        self.sink_v = torch.zeros(b, hk, self.sinks, d, dtype=dt, device=dev)
         self.cache_k = torch.zeros(b, hs, cfg.global_size, d, dtype=dt, device=dev)
         self.cache_v = torch.zeros(b, hs, cfg.global_size, d, dtype=dt, device=dev)
         self.cache_pos = torch.full((b, hs, cfg.global_size), -1, dtype=torch.int32, device=dev)
         self.h_state = torch.zeros(b, h, dd, d, dtype=torch.float32, device=dev)
         self.s_state = torch.zeros(b, h, dd, dtype=torch.float32, device=dev)
+        self.real_seen = torch.zeros(b, dtype=torch.long, device=dev)
+        self.first_live = torch.zeros(b, dtype=torch.long, device=dev)
         self.is_initialized = True
 
     def recent_positions(self) -> torch.Tensor:
-        """Absolute position of each recent slot [R] (negative = never filled)."""
+        """Real position of each recent slot [B,R] (negative = never filled); the slots at or after ``first_live``
+        and at or after the sinks hold live pairs."""
         r = self.recent_k.shape[2]
-        return torch.arange(self.seen - r, self.seen, device=self.recent_k.device)
+        return self.real_seen[:, None] - r + torch.arange(r, device=self.real_seen.device)
+
+    def memory_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Which memory holds the pair of each real position now: positions [P] or [B,P] (counted in each row's
+        real tokens: the token index for an unpadded row) -> int8 [B,H,P] with the codes of ``lola_ops.MEMORIES``
+        (0 recent = softmax window or waiting for the next update, 1 sink, 2 sparse cache, 3 linear state (H, s));
+        -1 for a position the row has not seen. Cache membership is per storage head, shown per query head."""
+        if not self.is_initialized:
+            raise RuntimeError("LolaLayer.memory_of: the layer has not seen any token yet")
+        b, h = self.h_state.shape[:2]
+        pos = positions.to(self.real_seen.device).long()
+        pos = pos.expand(b, -1) if pos.dim() == 1 else pos
+        cached = (self.cache_pos[..., None].long() == pos[:, None, None, :]).any(2)                # [B,Hs,P]
+        code = torch.full((b, h, pos.shape[1]), MEMORIES.index("linear"), dtype=torch.int8, device=pos.device)
+        code = code.masked_fill(expand_heads(cached, h), MEMORIES.index("cache"))
+        code = code.masked_fill((pos >= self.first_live[:, None])[:, None], MEMORIES.index("recent"))
+        code = code.masked_fill((pos < self.sinks)[:, None], MEMORIES.index("sink"))
+        return code.masked_fill(((pos >= self.real_seen[:, None]) | (pos < 0))[:, None], -1)
 
     def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,105 +353,273 @@ class LolaLayer(CacheLayerMixin):
 
         attn: the HybridAttention module (feature maps, mixing factors, attention config); q [B,H,L,d],
         k, v [B,Hk,L,d] post-RoPE; key_mask [B,L] (True = real token) for the NEW tokens or None.
-        Returns y [B,H,L,d] float32. Runs in segments that end at multiples of C, so memory is O(C (R + G)).
+        Returns y [B,H,L,d] float32 (0 at padding).
+
+        Two passes over the chunks of C real positions the call touches: (1) the cache updates in order (they
+        depend only on keys, values and phi_k), keeping a snapshot of (cache, H, s) per chunk; (2) the attention of
+        all queries at once, one batch entry per (row, chunk): sinks + recent pairs, the chunk's cache and state
+        (:func:`lola_ops.lola_attend` or the Triton kernel). Long calls go in blocks of SEGMENT_BLOCK_TOKENS.
         """
-        if self.resolved is None:
-            if self.settings is None:
-                raise RuntimeError("LolaLayer has no settings: build it with LolaCache(config, ...) or set "
-                                   "model.config.lola_cache (lola_train.lola.enable_lola_cache)")
-            self.resolved = self.settings.resolve(attn.attention_config)
-        cfg = self.resolved
+        cfg = self._resolve(attn)
         if not self.is_initialized:
             self._allocate(attn, k)
-        b, _, length, _ = q.shape
+        b, h, length, d = q.shape
         if k.shape[0] != self.recent_k.shape[0]:
             raise ValueError(f"LolaLayer: batch size {k.shape[0]} differs from the cache's "
                              f"{self.recent_k.shape[0]}; use a fresh cache (cache.reset()) for a new batch")
-        valid = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
-        end = self.seen + length
-        outputs, a = [], 0
-        while a < length:
-            p0 = self.seen
-            if p0 % cfg.chunk_size == 0 or (cfg.update_every == "token" and length == 1):
-                self._update(attn, p0)
-            stop = min(length, a + cfg.chunk_size - p0 % cfg.chunk_size)
-            self._append(k[:, :, a:stop], v[:, :, a:stop], valid[:, a:stop])
-            outputs.append(self._attend_segment(attn, q[:, :, a:stop], p0, end))
-            a = stop
-        return torch.cat(outputs, dim=2)
-
-    def _update(self, attn, position: int) -> None:
-        """Score the pairs that can no longer be in a window (plus the cache) and keep the top G; fold the rest."""
-        cfg = self.resolved
-        limit = evict_before(position, cfg.window_mode, cfg.window)
-        if limit <= self.first_live:
-            return
+        dev = q.device
+        if length == 1 and (key_mask is None or bool(key_mask.all())) and self._plain_step(cfg):
+            return self._decode_step(attn, cfg, q, k, v)
+        valid = torch.ones(b, length, dtype=torch.bool, device=dev) if key_mask is None else key_mask.bool()
+        rank = valid.long().cumsum(1) - 1                                   # index among the call's real tokens
+        r0 = self.real_seen
+        r1 = r0 + rank[:, -1] + 1 if length else r0
+        self.seen += length
+        out = torch.zeros(b, h, length + 1, d, dtype=torch.float32, device=dev)    # last column: padding sink
+        if length == 0 or not bool((r1 > r0).any()):
+            return out[:, :, :length]
+        inv = torch.full((b, length + 1), length, dtype=torch.long, device=dev)
+        inv.scatter_(1, torch.where(valid, rank, length), torch.arange(length, device=dev).expand(b, -1))
         r = self.recent_k.shape[2]
-        lo = self.first_live - (self.seen - r)
-        hi = limit - (self.seen - r)
-        heads_s = self.cache_k.shape[1]
-        pos = self.recent_positions()[lo:hi].to(torch.int32)
-        new_pos = torch.where(self.recent_valid[:, lo:hi], pos, torch.full_like(pos, -1))   # [B,n]
-        cand_k = torch.cat([self.cache_k, expand_heads(self.recent_k[:, :, lo:hi], heads_s)], dim=2)
-        cand_v = torch.cat([self.cache_v, expand_heads(self.recent_v[:, :, lo:hi], heads_s)], dim=2)
-        cand_pos = torch.cat([self.cache_pos, new_pos[:, None, :].expand(-1, heads_s, -1)], dim=2)
-        self.cache_k, self.cache_v, self.cache_pos = select_and_fold(
-            cand_k, cand_v, cand_pos, attn.feature_map_k, self.h_state, self.s_state,
-            global_size=cfg.global_size, gqa_selection=cfg.gqa_selection, eps=cfg.eps,
-            backend=attn.attention_config.backend)
-        self.first_live = limit
+        call = _Call(r0, r1, inv[:, :length], r)
+        zero = self.recent_k.new_zeros(b, k.shape[1], 1, d)
+        ext_k = torch.cat([self.recent_k, k.to(self.recent_k.dtype), zero], dim=2)
+        ext_v = torch.cat([self.recent_v, v.to(self.recent_v.dtype), zero], dim=2)
+        if self.sinks:
+            self._store_sinks(k, v, valid, r0[:, None] + rank)
+        fk_ext = self._key_features(attn, call, ext_k)
+        sigma, ell = mixing_weights(attn.window_factors, cfg.mixing, attn.attention_config.affine_attention_factors)
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        n, r = k.shape[2], self.recent_k.shape[2]
-        if self.seen - r + n > self.first_live:
-            raise RuntimeError(f"LolaLayer: recent buffer overflow (seen={self.seen}, first_live="
-                               f"{self.first_live}, capacity={r}, new={n}); this is a bug")
-        self.recent_k = torch.cat([self.recent_k[:, :, n:], k.to(self.recent_k.dtype)], dim=2)
-        self.recent_v = torch.cat([self.recent_v[:, :, n:], v.to(self.recent_v.dtype)], dim=2)
-        self.recent_valid = torch.cat([self.recent_valid[:, n:], valid], dim=1)
-        self.seen += n
+        c = cfg.chunk_size
+        c0 = torch.div(r0, c, rounding_mode="floor")
+        n_chunks = int(torch.where(r1 > r0, torch.div(r1 - 1, c, rounding_mode="floor") - c0 + 1, 0).max())
+        per_segment = min(c, int((r1 - r0).max()))                         # queries of one (row, chunk) at most
+        starts = (c0[:, None] + torch.arange(n_chunks, device=dev)) * c      # [B,N] real position of each chunk
+        seg_start = torch.maximum(starts, r0[:, None])
+        seg_end = torch.minimum(starts + c, r1[:, None])
+        update_at = torch.where((starts >= r0[:, None]) & (starts < r1[:, None]), starts, -1)
+        if cfg.update_every == "token" and length == 1:                    # decode: update before every token
+            update_at[:, 0] = torch.where(r1 > r0, r0, -1)
+        q_ext = torch.cat([q, q.new_zeros(b, h, 1, d)], dim=2)
 
-    def _attend_segment(self, attn, q: torch.Tensor, p0: int, end: int) -> torch.Tensor:
-        cfg = self.resolved
-        h, d = q.shape[1], q.shape[-1]
-        q_pos = torch.arange(p0, p0 + q.shape[2], device=q.device)
-        r_pos = self.recent_positions()
-        live = (r_pos >= self.first_live) & self.recent_valid                      # [B,R]
-        win = in_window(q_pos, r_pos, cfg.window_mode, cfg.window, end)             # [Lq,R]
-        causal = r_pos[None, :] <= q_pos[:, None]
-        soft_recent = win[None] & live[:, None, :]                                  # [B,Lq,R]
-        lin_recent = (causal & ~win)[None] & live[:, None, :]
+        block = max(1, self.SEGMENT_BLOCK_TOKENS // c)
+        for na in range(0, n_chunks, block):
+            nz = min(n_chunks, na + block)
+            snapshots = self._snapshot_buffers(nz - na)
+            for i, n in enumerate(range(na, nz)):
+                self._update(attn, call, ext_k, ext_v, fk_ext, update_at[:, n])
+                cache = self._cache_now(call)
+                for name, t in zip(("k", "v", "pos", "h", "s", "first_live"),
+                                   (*cache, self.h_state, self.s_state, self.first_live)):
+                    snapshots[name][i].copy_(t)
+            y, tok = self._attend_segments(attn, call, q_ext, ext_k, ext_v, fk_ext, snapshots,
+                                           seg_start[:, na:nz], seg_end[:, na:nz], per_segment, sigma, ell)
+            out.scatter_(2, tok[:, None, :, None].expand(-1, h, -1, d), y)
 
-        kernels = lola_kernels_for(q, attn.attention_config.backend, d, self.h_state.shape[-2])
-        cache_ok = expand_heads(self.cache_pos >= 0, h)[:, :, None, :].expand(-1, -1, q.shape[2], -1)
-        soft_mask = torch.cat([soft_recent[:, None].expand(-1, h, -1, -1), cache_ok], dim=-1)
+        if call.work is not None:
+            self.cache_k, self.cache_v, self.cache_pos = (t.clone() for t in self._cache_now(call))
+        keep = call.source(r1[:, None] - r + torch.arange(r, device=dev))  # the last R real positions
+        self.recent_k, self.recent_v = _take(ext_k, keep), _take(ext_v, keep)
+        self.real_seen = r1
+        if bool((self.first_live < r1 - r).any()):
+            raise RuntimeError("LolaLayer: recent buffer overflow (a pair left it before its cache update); this "
+                               "is a bug")
+        return out[:, :, :length]
 
+    def _plain_step(self, cfg: LolaCacheConfig) -> bool:
+        """Whether the next token of every row (all real) needs no cache update and is not a sink."""
+        if cfg.update_every == "token":
+            return False
+        r0 = self.real_seen
+        return not bool(((r0 % cfg.chunk_size == 0) | (r0 < self.sinks)).any())
+
+    def _decode_step(self, attn, cfg: LolaCacheConfig, q, k, v) -> torch.Tensor:
+        """One real token per row with no cache update (most decode steps): the same attention as :meth:`attend`
+        with the segment machinery left out. The softmax band is the last R real tokens, which is also the new
+        recent buffer."""
+        b, h, _, d = q.shape
+        r = self.recent_k.shape[2]
+        band_k = torch.cat([self.recent_k[:, :, 1:], k.to(self.recent_k.dtype)], dim=2)  # real r1-R .. r1-1
+        band_v = torch.cat([self.recent_v[:, :, 1:], v.to(self.recent_v.dtype)], dim=2)
+        r1 = self.real_seen + 1
+        k_real = r1[:, None] - r + torch.arange(r, device=q.device)                        # [B,R]
+        live = k_real >= self.first_live.clamp_min(self.sinks)[:, None]
+        win = in_window(r1[:, None] - 1, k_real, cfg.window_mode, cfg.window, r1)[:, 0]             # [B,R]
+        soft, lin = win & live, ~win & live
         fq = attn.feature_map_q(q).float()
-        extra_num = extra_den = None
-        cols = torch.nonzero(lin_recent.any(1).any(0)).flatten()
-        if cols.numel():  # recent pairs out of the window but not yet scored: linear, phi_k recomputed
+        lin_num = lin_den = None
+        cols = torch.nonzero(lin.any(0)).flatten()
+        if cols.numel():  # recent pairs out of the window, not yet scored: linear terms with phi_k(k)
             lo, hi = int(cols[0]), int(cols[-1]) + 1
-            fk = attn.feature_map_k(expand_heads(self.recent_k[:, :, lo:hi], h)).float()
-            scores = (fq @ fk.transpose(-1, -2)) * lin_recent[:, None, :, lo:hi]
-            extra_num = scores @ expand_heads(self.recent_v[:, :, lo:hi], h).float()
-            extra_den = scores.sum(-1)
-        sigma, ell = attn.mixing_factors()
-        if kernels is not None:  # Triton: softmax set + fq @ (H, s) + the extra linear terms in one kernel
-            heads_s = self.cache_k.shape[1]
-            soft_k = torch.cat([expand_heads(self.recent_k, heads_s), self.cache_k], dim=2)
-            soft_v = torch.cat([expand_heads(self.recent_v, heads_s), self.cache_v], dim=2)
-            return kernels.lola_attend_triton(q, soft_k, soft_v, soft_mask, fq, self.h_state, self.s_state, sigma,
-                                              ell, mixing=cfg.mixing, eps=cfg.eps, lin_num=extra_num,
-                                              lin_den=extra_den)
-        qf = q.float()
-        rk, rv = expand_heads(self.recent_k, h).float(), expand_heads(self.recent_v, h).float()
-        ck, cv = expand_heads(self.cache_k, h).float(), expand_heads(self.cache_v, h).float()
-        logits = torch.cat([qf @ rk.transpose(-1, -2), qf @ ck.transpose(-1, -2)], dim=-1) / d ** 0.5
-        lin_num, lin_den = fq @ self.h_state, (fq @ self.s_state.unsqueeze(-1)).squeeze(-1)
-        if extra_num is not None:
-            lin_num, lin_den = lin_num + extra_num, lin_den + extra_den
-        return fuse(logits, soft_mask, torch.cat([rv, cv], dim=2), lin_num, lin_den, sigma, ell,
-                    mixing=cfg.mixing, eps=cfg.eps)
+            fk = attn.feature_map_k(expand_heads(band_k[:, :, lo:hi], h)).float()
+            a = (fq @ fk.transpose(-1, -2)).mul_(lin[:, None, None, lo:hi].float())
+            lin_num, lin_den = grouped_matmul(a, band_v[:, :, lo:hi].float()), a.sum(-1)
+        local_k, local_v, mask = band_k, band_v, soft[:, None, None, :]
+        if self.sinks:  # all S sinks are filled (r1 > S)
+            local_k, local_v = torch.cat([self.sink_k, band_k], dim=2), torch.cat([self.sink_v, band_v], dim=2)
+            mask = torch.cat([mask.new_ones(b, 1, 1, self.sinks), mask], dim=-1)
+        cache = {}
+        if cfg.global_size > 0:
+            cache = dict(cache_k=self.cache_k, cache_v=self.cache_v, cache_ok=self.cache_pos >= 0)
+        sigma, ell = mixing_weights(attn.window_factors, cfg.mixing, attn.attention_config.affine_attention_factors)
+        kernels = lola_kernels_for(q, attn.attention_config.backend, d, fq.shape[-1])
+        fn = lola_attend if kernels is None else kernels.lola_attend_triton
+        y = fn(q, local_k, local_v, mask, fq, self.h_state, self.s_state, sigma, ell, mixing=cfg.mixing, eps=cfg.eps,
+               lin_num=lin_num, lin_den=lin_den, **cache)
+        self.recent_k, self.recent_v, self.real_seen = band_k, band_v, r1
+        self.seen += 1
+        return y
+
+    def _store_sinks(self, k, v, valid, real) -> None:
+        """Copy the new tokens at real positions < S into the sink buffer (slot = real position)."""
+        s = self.sinks
+        slot = torch.where(valid & (real < s), real, s)                    # s = a discarded extra slot
+        if not bool((slot < s).any()):
+            return
+        index = slot[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        for name, new in (("sink_k", k), ("sink_v", v)):
+            buf = getattr(self, name)
+            full = torch.cat([buf, buf.new_zeros(buf.shape[0], buf.shape[1], 1, buf.shape[-1])], dim=2)
+            setattr(self, name, full.scatter(2, index, new.to(buf.dtype))[:, :, :s])
+
+    def _key_features(self, attn, call: _Call, ext_k: torch.Tensor) -> torch.Tensor:
+        """phi_k [B,H,R+L+1,D] of the ext keys that may be linear or candidates in this call (real positions from
+        first_live up to the window start of the last query); zeros elsewhere."""
+        h, dd = attn.num_heads, attn.feature_map_k.out_dim
+        b, _, e, _ = ext_k.shape
+        fk = torch.zeros(b, h, e, dd, device=ext_k.device)
+        cfg = self.resolved
+        lo, hi = self.first_live, evict_before(call.r1 - 1, cfg.window_mode, cfg.window)
+        rows = (call.r1 > call.r0) & (hi > lo)
+        if not bool(rows.any()):
+            return fk
+        span = call.source(torch.stack([lo, hi - 1], 1))                  # [B,2] ext index of the first / last
+        a, z = int(span[rows, 0].min()), int(span[rows, 1].max()) + 1
+        fk[:, :, a:z] = attn.feature_map_k(expand_heads(ext_k[:, :, a:z], h)).float()
+        return fk
+
+    def _snapshot_buffers(self, m: int) -> dict[str, torch.Tensor]:
+        """Per-chunk copies of the memories that change at cache updates, for M chunks: [M,B,...] each."""
+        return {name: t.new_empty(m, *t.shape) for name, t in
+                (("k", self.cache_k), ("v", self.cache_v), ("pos", self.cache_pos), ("h", self.h_state),
+                 ("s", self.s_state), ("first_live", self.first_live))}
+
+    def _working(self, attn, call: _Call, width: int) -> dict[str, torch.Tensor]:
+        """The call's candidate buffers for updates of up to ``width`` new pairs (allocated at the call's first
+        update, grown when an update needs more): k, v [B,Hs,G+N,d], pos [B,Hs,G+N], fk [B,H,G+N,D] (phi_k per
+        query head). The cache lives in the first G slots; an update writes its candidates after them (slots it
+        does not use get pos -1) and :func:`lola_ops.select_and_fold` leaves the new cache in the first G slots."""
+        g = self.cache_k.shape[2]
+        if call.work is None:
+            h = self.h_state.shape[1]
+            call.work = dict(k=self.cache_k, v=self.cache_v, pos=self.cache_pos,
+                             fk=attn.feature_map_k(expand_heads(self.cache_k, h)).float())
+        have = call.work["pos"].shape[-1] - g
+        if width > have:
+            call.work = {name: torch.cat([t, t.new_zeros(*t.shape[:2], width - have, t.shape[-1])], dim=2)
+                         if name != "pos" else torch.cat([t, t.new_full((*t.shape[:2], width - have), -1)], dim=2)
+                         for name, t in call.work.items()}
+        return call.work
+
+    def _cache_now(self, call: _Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The current cache (k, v, pos): the stored one, or the first G slots of the call's candidate buffers."""
+        if call.work is None:
+            return self.cache_k, self.cache_v, self.cache_pos
+        g = self.cache_k.shape[2]
+        return call.work["k"][:, :, :g], call.work["v"][:, :, :g], call.work["pos"][:, :, :g]
+
+    def _update(self, attn, call: _Call, ext_k, ext_v, fk_ext, at: torch.Tensor) -> None:
+        """The cache update of each row whose ``at`` (real position, -1 = none) is set: score the cache and the
+        pairs that can no longer be in a window; keep the top G, fold the rest into (H, s)."""
+        cfg = self.resolved
+        limit = evict_before(at, cfg.window_mode, cfg.window)
+        active = (at >= 0) & (limit > self.first_live)
+        if not bool(active.any()):
+            return
+        rows = None if bool(active.all()) else torch.nonzero(active).flatten()
+
+        def sel(t):
+            return t if rows is None else t.index_select(0, rows)
+
+        hs, g = self.cache_k.shape[1:3]
+        lo, hi = sel(self.first_live), sel(limit)
+        work = self._working(attn, call, int((hi - lo).max()))
+        real = lo[:, None] + torch.arange(work["pos"].shape[-1] - g, device=lo.device)
+        ok = (real < hi[:, None]) & (real >= self.sinks)
+        src = call.source(real, rows)
+        cand = {name: sel(t) for name, t in work.items()}  # the buffers themselves, or copies of some rows
+        cand["k"][:, :, g:] = expand_heads(_take(sel(ext_k), src), hs)
+        cand["v"][:, :, g:] = expand_heads(_take(sel(ext_v), src), hs)
+        cand["pos"][:, :, g:] = torch.where(ok, real, -1)[:, None, :]
+        cand["fk"][:, :, g:] = _take(sel(fk_ext), src)
+        h_state, s_state = sel(self.h_state), sel(self.s_state)
+        select_and_fold(cand["k"], cand["v"], cand["pos"], cand["fk"], h_state, s_state, global_size=g,
+                        gqa_selection=cfg.gqa_selection, eps=cfg.eps, backend=attn.attention_config.backend)
+        if rows is not None:
+            for name, t in cand.items():
+                work[name].index_copy_(0, rows, t)
+            self.h_state.index_copy_(0, rows, h_state)
+            self.s_state.index_copy_(0, rows, s_state)
+        self.first_live = torch.where(active, limit, self.first_live)
+
+    def _attend_segments(self, attn, call: _Call, q_ext, ext_k, ext_v, fk_ext, snapshots, seg_start, seg_end,
+                         per_segment: int, sigma, ell):
+        """Attention of the queries of M chunks, one batch entry per (chunk, row). seg_start, seg_end [B,M]: the
+        real positions of each segment's queries; snapshots: :meth:`_snapshot_buffers` filled per chunk.
+        Returns (y [B,H,M*Q,d], token index in the call [B,M*Q]; L for empty query slots), Q = per_segment."""
+        cfg = self.resolved
+        b, h, _, d = q_ext.shape
+        m, nq, r = seg_start.shape[1], per_segment, self.recent_k.shape[2]
+        dev = q_ext.device
+        length = call.length
+
+        def per_segment_mask(x):  # [B,M,Q,K] -> [M*B,1,Q,K]
+            return x.transpose(0, 1).reshape(m * b, 1, *x.shape[2:])
+
+        q_real = seg_start[:, :, None] + torch.arange(nq, device=dev)                     # [B,M,Q]
+        q_ok = q_real < seg_end[:, :, None]
+        tok = call.inv.gather(1, (q_real - call.r0[:, None, None]).clamp(0, length - 1).view(b, -1))
+        tok = torch.where(q_ok.view(b, -1), tok, length)                                   # [B,M*Q]
+        q_seg = _segments(_take(q_ext, tok), m)                                            # [M*B,H,Q,d]
+        fq_seg = attn.feature_map_q(q_seg).float()
+
+        k_real = seg_end[:, :, None] - r + torch.arange(r, device=dev)                    # [B,M,R] band
+        first_live = snapshots["first_live"].t().clamp_min(self.sinks)                     # [B,M]
+        live = (k_real >= first_live[:, :, None]) & (k_real < call.r1[:, None, None])
+        src = call.source(k_real.view(b, -1))                                              # [B,M*R]
+        k_band, v_band = _segments(_take(ext_k, src), m), _segments(_take(ext_v, src), m)  # [M*B,Hk,R,d]
+        win = in_window(q_real, k_real, cfg.window_mode, cfg.window, call.r1[:, None])     # [B,M,Q,R]
+        causal = k_real[:, :, None, :] <= q_real[:, :, :, None]
+        live = live[:, :, None, :] & q_ok[:, :, :, None]
+        soft, lin = win & live, causal & ~win & live
+
+        lin_num = lin_den = None
+        cols = torch.nonzero(lin.flatten(0, 2).any(0)).flatten()
+        if cols.numel():  # recent pairs out of the window, not yet scored: linear terms with phi_k(k)
+            lo, hi = int(cols[0]), int(cols[-1]) + 1
+            fk_band = _segments(_take(fk_ext, src.view(b, m, r)[:, :, lo:hi].reshape(b, -1)), m)
+            a = (fq_seg @ fk_band.transpose(-1, -2)).mul_(per_segment_mask(lin[..., lo:hi]).float())
+            lin_num, lin_den = grouped_matmul(a, v_band[:, :, lo:hi].float()), a.sum(-1)
+
+        local_k, local_v, mask = k_band, v_band, per_segment_mask(soft)
+        if self.sinks:  # sink j (real position j) is visible to queries at or after it
+            hk, n_s = self.sink_k.shape[1], self.sinks
+            sink_ok = (torch.arange(n_s, device=dev) <= q_real[..., None]) & q_ok[..., None]   # [B,M,Q,S]
+            local_k = torch.cat([self.sink_k.expand(m, -1, -1, -1, -1).reshape(m * b, hk, n_s, d), k_band], dim=2)
+            local_v = torch.cat([self.sink_v.expand(m, -1, -1, -1, -1).reshape(m * b, hk, n_s, d), v_band], dim=2)
+            mask = torch.cat([per_segment_mask(sink_ok), mask], dim=-1)
+
+        def flat(name):  # [M,B,...] -> [M*B,...]
+            return snapshots[name].flatten(0, 1)
+
+        cache = {}
+        if cfg.global_size > 0:
+            cache = dict(cache_k=flat("k"), cache_v=flat("v"), cache_ok=flat("pos") >= 0)
+        kernels = lola_kernels_for(q_ext, attn.attention_config.backend, d, fq_seg.shape[-1])
+        fn = lola_attend if kernels is None else kernels.lola_attend_triton
+        y = fn(q_seg, local_k, local_v, mask, fq_seg, flat("h"), flat("s"), sigma, ell, mixing=cfg.mixing,
+               eps=cfg.eps, lin_num=lin_num, lin_den=lin_den, **cache)
+        return _rows_of_segments(y, m), tok
 
 
 class LolaCache(DynamicCache):
@@ -419,16 +680,19 @@ def lola_layer(cache, layer_idx: int, model_config=None, training: bool = False)
 
 
 def lola_bytes_per_sequence(*, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                            feature_width: int, settings: LolaCacheConfig, dtype_bytes: int = 2) -> int:
-    """Bytes per sequence of a LoLA cache with resolved ``settings`` (window, chunk_size, window_mode concrete),
-    exactly as :class:`LolaLayer` allocates it; independent of the context length."""
+                            feature_width: int, settings: LolaCacheConfig, dtype_bytes: int = 2,
+                            sink_tokens: int = 0) -> int:
+    """Bytes per sequence of a LoLA cache with resolved ``settings`` (window, chunk_size, window_mode concrete)
+    for a model with ``sink_tokens`` attention sinks, exactly as :class:`LolaLayer` allocates it; independent of
+    the context length."""
     s = settings
     r = recent_capacity(s.window_mode, s.window, s.chunk_size)
     hs = num_heads if s.gqa_selection == "query_head" else num_kv_heads
-    per_layer = (2 * num_kv_heads * r * head_dim * dtype_bytes + r            # recent k, v + valid flags
+    per_layer = (2 * num_kv_heads * (r + sink_tokens) * head_dim * dtype_bytes  # recent and sink k, v
                  + 2 * hs * s.global_size * head_dim * dtype_bytes            # cache k, v
                  + hs * s.global_size * 4                                     # cache positions (int32)
-                 + num_heads * feature_width * (head_dim + 1) * 4)            # H and s, float32
+                 + num_heads * feature_width * (head_dim + 1) * 4             # H and s, float32
+                 + 2 * 8)                                                     # real_seen, first_live (int64)
     return num_layers * per_layer
 
 

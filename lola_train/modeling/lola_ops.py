@@ -1,34 +1,47 @@
-"""LoLA sparse caching math (spec 4): window masks, self-recall error, selection + folding, fusion, and a short
-quadratic reference that reads like the equations.
+"""LoLA sparse caching math (spec 4): window rules, self-recall error, selection + folding, fusion, the batched
+attention of many segments at once, and a short quadratic reference that reads like the equations.
 
-Three memories per head (spec 4.1): the softmax *window* of recent pairs, a sparse *global cache* G of at most
-``global_size`` pairs, and the linear *state* (H, s) of everything else. For query i at absolute position p:
+Positions are counted in each row's REAL tokens (r = 0, 1, ... over the row's non-padding tokens): padding never
+enters any memory (trap T11) and never shifts a window or a cache update, so a padded row of a batch computes
+exactly what it computes alone. Four memories per head (spec 4.1, plus attention sinks):
 
-    J(i)   = Win(p) u G(i)                                 softmax set (window and cache, raw post-RoPE keys)
-    Lin(i) = {j <= p, not pad} \\ J(i)                       linear set (H, s plus recent pairs not yet scored)
-    s_ij   = q_i . k_j / sqrt(d),   m_i = max_{J(i)} s_ij
+    Sink      the first S real tokens of the row (attention.sink_tokens), raw k, v
+    Win(r)    the softmax window of query r (window modes below)
+    G(r)      the sparse global cache: at most ``global_size`` pairs, chosen by self-recall error
+    (H, s)    the linear state of every other past pair: H = sum phi_k(k) v^T, s = sum phi_k(k)
 
-    'lolcats' (default, the trained function of spec 1.4 with Win replaced by J; spec 4.4 (a)):
-        y_i = (sigma sum_J e^{s-m} v + ell sum_Lin fq.fk v) / (sigma sum_J e^{s-m} + ell sum_Lin fq.fk)
-    'lola_code' (the LoLA reference code's fusion, spec 4.4 (b); computed max-stabilised, same value):
-        y_i = (g sum_J e^{s} v + (1-g) sum_Lin fq.fk v) / (g sum_J e^{s} + (1-g) sum_Lin fq.fk + 1e-6)
+For query r (keys j <= r only):
 
-Cache updates happen at absolute positions u (every multiple of the chunk C, or every decoded token): the
-candidates are G u {pairs that can no longer be in any future window}; each is scored with the self-recall error
+    J(r)   = Sink(r) u Win(r) u G(r)                 softmax set (raw post-RoPE keys)
+    Lin(r) = {j <= r} \\ J(r)                          linear set: (H, s) plus recent pairs not yet scored
+    s_rj   = q_r . k_j / sqrt(d),   m_r = max_{j in J(r)} s_rj
+
+    'lolcats' (the trained function of spec 1.4 with Win replaced by J; spec 4.4 (a)):
+        y_r = (sigma sum_J e^{s-m} v + ell sum_Lin fq.fk v) / (sigma sum_J e^{s-m} + ell sum_Lin fq.fk)
+    'lola_code' (the LoLA code's fusion, spec 4.4 (b); computed as (num e^{-c}) / (den e^{-c}), c = max(m, 0)):
+        y_r = (sigma sum_J e^{s} v + ell sum_Lin fq.fk v) / (sigma sum_J e^{s} + ell sum_Lin fq.fk + eps)
+
+    (sigma, ell) [H] are taken as given: ``hybrid_ops.mixing_weights`` makes them (ell = 1 - sigma for 'lola_code').
+
+The cache is updated before query u attends, for every u that is a multiple of the chunk C (and, with
+update_every='token', before every decoded token). The candidates are G plus the pairs that can be in no future
+window (never the sinks); each is scored with the self-recall error
 
     SRE(k, v) = || v - phi_k(k)^T H / (phi_k(k)^T s + eps) ||_2^2          (fp32, under the pre-insertion H, s)
 
-the top ``global_size`` stay in G and the rest are folded into H += phi_k(k) v^T, s += phi_k(k). Cached pairs are
-never in H (trap T10). Padded tokens never enter any memory (trap T11).
+the top ``global_size`` stay in G and the rest are folded into (H, s). Cached pairs are never in H (trap T10).
+The cache contents depend only on keys, values and phi_k(k), never on attention outputs: the selection runs as a
+cheap sequential pass and the attention of all queries of a prompt then runs batched (``lola_cache``).
 
-Window modes (absolute positions, W = window):
-    'sliding': Win(p) = (p - W, p]                           (the trained 'sw' layout; exact)
-    'tk':      blocks of W aligned to the END of the current call (the trained 'tk' layout, end = keys seen
-               after the call); Win(p) = previous block + causal part of p's block. For a decoded token that is
-               the 2W most recent tokens, as the plain hybrid layer computes it.
+Window modes (real positions, W = window):
+    'sliding': Win(r) = (r - W, r]                 (the trained 'sw' layout; exact)
+    'tk':      blocks of W aligned to the END of the current call (end = the row's real tokens after the call);
+               Win(r) = previous block + causal part of r's block. For a decoded token that is the 2W most
+               recent tokens, as the plain hybrid layer computes it.
     'chunk':   blocks of W aligned to the START of the sequence (the LoLA code's C..2C window)
 
-Shapes: B batch, H query heads, Hk KV heads, L length, d head dim, D feature width, N candidates.
+Shapes: B batch, H query heads, Hk KV heads (query head h reads KV head h // (H / Hk)), Hs storage heads of the
+cache (H or Hk), L length, d head dim, D feature width, N candidates, S segments of a batched call.
 """
 from __future__ import annotations
 
@@ -36,34 +49,45 @@ import math
 
 import torch
 
+from .hybrid_ops import MIXINGS
+
 WINDOW_MODES = ("sliding", "tk", "chunk")
-MIXINGS = ("lolcats", "lola_code")
 GQA_SELECTIONS = ("query_head", "kv_mean", "kv_max")
+MEMORIES = ("recent", "sink", "cache", "linear")
+"""Codes 0..3 of :meth:`lola_cache.LolaLayer.memory_of` (-1 = not seen yet): 'recent' = the softmax window or a
+pair waiting for the next cache update, 'sink', 'cache' = the sparse global cache, 'linear' = folded into (H, s)."""
 
 
-def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, mode: str, window: int, end: int) -> torch.Tensor:
-    """Bool [Lq, Lk]: key position k_pos[j] is in the softmax window of query position q_pos[i] (causal)."""
-    qp, kp = q_pos[:, None], k_pos[None, :]
+def _floor_div(x, n: int):
+    return torch.div(x, n, rounding_mode="floor") if isinstance(x, torch.Tensor) else x // n
+
+
+def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, mode: str, window: int, end) -> torch.Tensor:
+    """Bool [..., Lq, Lk]: key position k_pos[..., j] is in the softmax window of query position q_pos[..., i]
+    (causal; negative key positions never are). q_pos [..., Lq] and k_pos [..., Lk] broadcast; ``end`` (an int or
+    a tensor broadcastable to [...]) is the sequence length 'tk' blocks are aligned to."""
+    qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
     causal = (kp <= qp) & (kp >= 0)
     if mode == "sliding":
         return causal & (kp > qp - window)
     if mode == "tk":
         shift = (-end) % window
-        return causal & (torch.div(kp + shift, window, rounding_mode="floor")
-                         >= torch.div(qp + shift, window, rounding_mode="floor") - 1)
+        if isinstance(shift, torch.Tensor):
+            shift = shift[..., None, None]
+        return causal & (_floor_div(kp + shift, window) >= _floor_div(qp + shift, window) - 1)
     if mode == "chunk":
-        return causal & (torch.div(kp, window, rounding_mode="floor")
-                         >= torch.div(qp, window, rounding_mode="floor") - 1)
+        return causal & (_floor_div(kp, window) >= _floor_div(qp, window) - 1)
     raise ValueError(f"lola_cache.window_mode={mode!r} is not valid; choose one of {', '.join(WINDOW_MODES)}")
 
 
-def evict_before(position: int, mode: str, window: int) -> int:
-    """Keys older than this can be in no window of a query at ``position`` or later (they become candidates)."""
+def evict_before(position, mode: str, window: int):
+    """Keys older than this (int or tensor) can be in no window of a query at ``position`` or later: they are the
+    candidates of the cache update at ``position``. It is also where the window of that query starts."""
     if mode == "sliding":
         return position - window + 1
     if mode == "tk":  # a later call may align its blocks differently: only the 2W most recent are ever visible
         return position - 2 * window + 1
-    return (position // window - 1) * window  # 'chunk': the start of the previous block
+    return (_floor_div(position, window) - 1) * window  # 'chunk': the start of the previous block
 
 
 def recent_capacity(mode: str, window: int, chunk: int) -> int:
@@ -71,12 +95,31 @@ def recent_capacity(mode: str, window: int, chunk: int) -> int:
     return (window - 1 if mode == "sliding" else 2 * window - 1) + chunk
 
 
+def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B,h,...] -> [B,heads,...] by repeating each head heads/h times (query head i uses head i // groups)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [B,H,M,X] @ y [B,Hy,X,Z] -> [B,H,M,Z], where query head h uses y's head h // (H / Hy) (GQA without
+    repeating y: the H / Hy heads of a group are stacked into one matmul)."""
+    b, h, m, k = x.shape
+    hy = y.shape[1]
+    if hy == h:  # no group to stack (x may be a transposed view: matmul takes it as is)
+        return x @ y
+    return (x.reshape(b, hy, (h // hy) * m, k) @ y).view(b, h, m, y.shape[-1])
+
+
 def self_recall_error(fk: torch.Tensor, v: torch.Tensor, h_state: torch.Tensor, s_state: torch.Tensor,
                       eps: float = 1e-6) -> torch.Tensor:
-    """SRE per candidate: fk [B,H,N,D], v [B,H,N,d], H [B,H,D,d], s [B,H,D] -> [B,H,N] (float32, squared L2)."""
-    fk, v = fk.float(), v.float()
-    recall = (fk @ h_state) / ((fk @ s_state.unsqueeze(-1)) + eps)
-    return ((v - recall) ** 2).sum(-1)
+    """SRE per candidate: fk [B,H,N,D], v [B,Hv,N,d] (Hv divides H), H [B,H,D,d], s [B,H,D] -> [B,H,N]
+    (float32, squared L2). One matmul gives both fk H and fk . s."""
+    b, h, n, _ = fk.shape
+    hv, d = v.shape[1], v.shape[-1]
+    r = fk.float() @ torch.cat([h_state, s_state.unsqueeze(-1)], dim=-1)               # [B,H,N,d+1]
+    recall, norm = r[..., :d].view(b, hv, h // hv, n, d), r[..., d:].view(b, hv, h // hv, n, 1)
+    err = torch.addcdiv(v.float().unsqueeze(2), recall, norm + eps, value=-1.0)
+    return torch.linalg.vector_norm(err, dim=-1).square_().view(b, h, n)
 
 
 def group_scores(score: torch.Tensor, groups: int, gqa_selection: str) -> torch.Tensor:
@@ -91,11 +134,6 @@ def group_scores(score: torch.Tensor, groups: int, gqa_selection: str) -> torch.
         return grouped.amax(2)
     raise ValueError(f"lola_cache.gqa_selection={gqa_selection!r} is not valid; choose one of "
                      f"{', '.join(GQA_SELECTIONS)}")
-
-
-def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B,h,...] -> [B,heads,...] by repeating each head heads/h times (query head i uses head i // groups)."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, feature_width: int = 0):
@@ -118,109 +156,234 @@ def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, 
     return kernels
 
 
-def select_and_fold(cand_k, cand_v, cand_pos, feature_map_k, h_state, s_state, *, global_size: int,
-                    gqa_selection: str = "query_head", eps: float = 1e-6, backend: str = "auto"):
-    """One cache update (spec 4.2 'update', 4.5).
+def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, global_size: int,
+                    gqa_selection: str = "query_head", eps: float = 1e-6, backend: str = "auto") -> None:
+    """One cache update (spec 4.2 'update', 4.5), in place.
 
-    cand_k, cand_v [B,Hs,N,d]: the current cache followed by the pairs leaving the window; cand_pos [B,Hs,N]
-    (absolute position, -1 = empty slot or padding); feature_map_k maps [B,H,N,d] -> [B,H,N,D];
-    h_state [B,H,D,d], s_state [B,H,D] float32, updated in place. ``backend`` (attention.backend) picks the
-    Triton kernels for the scores and the fold (:func:`lola_kernels_for`); the selection is torch.topk.
-    Returns the new cache (k, v [B,Hs,G,d], pos [B,Hs,G]) with G = global_size; empty slots have pos -1.
+    The candidates are the cache (the first G = global_size slots) followed by N pairs leaving the window:
+    cand_k, cand_v [B,Hs,G+N,d], cand_pos [B,Hs,G+N] (position, -1 = empty slot or not a candidate), cand_fk
+    [B,H,G+N,D] float32 (phi_k per query head). All are scored by self-recall error under (h_state [B,H,D,d],
+    s_state [B,H,D], float32); the top G are kept, the rest folded into h_state, s_state. Afterwards the cache is
+    the first G slots again: each kept new pair has moved into the slot of a dropped one (only <= N rows move).
+    ``backend`` (attention.backend) picks the Triton kernels for the scores and the fold (:func:`lola_kernels_for`).
     """
-    heads = h_state.shape[1]
-    groups = heads // cand_k.shape[1]
+    heads, hs = h_state.shape[1], cand_k.shape[1]
+    groups, g, n = heads // hs, global_size, cand_pos.shape[-1] - global_size
     valid = cand_pos >= 0
-    fk = feature_map_k(expand_heads(cand_k, heads)).float() * expand_heads(valid, heads).unsqueeze(-1)
-    kernels = lola_kernels_for(fk, backend, h_state.shape[-1], h_state.shape[-2])
-    vq = cand_v if kernels is not None else expand_heads(cand_v, heads).float()
-    if global_size > 0:
+    kernels = lola_kernels_for(cand_fk, backend, cand_k.shape[-1], h_state.shape[-2])
+    if g > 0:
         if kernels is not None:
-            sre = kernels.self_recall_error_triton(fk, cand_v, h_state, s_state, eps)
+            sre = kernels.self_recall_error_triton(cand_fk, cand_v, h_state, s_state, eps)
         else:
-            sre = self_recall_error(fk, vq, h_state, s_state, eps)
+            sre = self_recall_error(cand_fk, cand_v, h_state, s_state, eps)
         score = group_scores(sre, groups, gqa_selection).masked_fill(~valid, float("-inf"))
-        idx = score.topk(global_size, dim=-1).indices                   # [B,Hs,G]
-        kept = torch.zeros_like(valid).scatter_(-1, idx, True) & valid
+        order = score.argsort(dim=-1, descending=True)                    # [B,Hs,G+N]
     else:
-        idx = cand_pos.new_zeros(cand_pos.shape[:-1] + (0,), dtype=torch.long)
-        kept = torch.zeros_like(valid)
+        order = torch.arange(g + n, device=cand_pos.device).expand(cand_pos.shape)
+    keep, drop = order[..., :g], order[..., g:]
     if kernels is not None:
-        kernels.fold_triton(fk, cand_v, valid & ~kept, h_state, s_state)
-    else:
-        fold = expand_heads(valid & ~kept, heads).unsqueeze(-1).float()    # [B,H,N,1]
-        h_state += (fk * fold).transpose(-1, -2) @ vq
-        s_state += (fk * fold).sum(2)
-    gather = idx.unsqueeze(-1).expand(-1, -1, -1, cand_k.shape[-1])
-    return cand_k.gather(2, gather), cand_v.gather(2, gather), cand_pos.gather(2, idx)
+        fold = valid & ~torch.zeros_like(valid).scatter_(-1, keep, True)
+        kernels.fold_triton(cand_fk, cand_v, fold, h_state, s_state)
+    else:  # only the N dropped candidates enter the matmul
+        fk_drop = take_rows(cand_fk, drop) * valid.gather(-1, drop).unsqueeze(-1).repeat_interleave(groups, 1)
+        h_state += grouped_matmul(fk_drop.transpose(-1, -2), take_rows(cand_v, drop).float())
+        s_state += fk_drop.sum(2)
+    if g == 0 or n == 0:
+        return
+    kept = torch.zeros_like(valid).scatter_(-1, keep, True)
+    moves = kept[..., g:]                                                 # kept new pairs; as many as free slots
+    most = min(g, n)
+    free = (~kept[..., :g]).to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :most]
+    moved = moves.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :most] + g
+    src = torch.where(torch.arange(most, device=moves.device) < moves.sum(-1, keepdim=True), moved, free)
+    for t in (cand_k, cand_v, cand_fk):  # row free[i] <- row src[i] (src = free: a kept slot copied onto itself)
+        put_rows(t, free, take_rows(t, src))
+    cand_pos.scatter_(-1, free, cand_pos.gather(-1, src))
 
 
-def fuse(soft_logits, soft_mask, soft_v, lin_num, lin_den, sigma, ell, *, mixing: str = "lolcats",
-         eps: float = 1e-6) -> torch.Tensor:
-    """Combine the softmax memories with the linear ones.
+def _head_index(index: torch.Tensor, h: int) -> torch.Tensor:
+    return index if index.shape[1] == h else index.repeat_interleave(h // index.shape[1], dim=1)
 
-    soft_logits, soft_mask [B,H,Lq,M] (scaled logits of window + cache keys), soft_v [B,H,M,d];
-    lin_num [B,H,Lq,d] = sum_Lin (fq.fk) v, lin_den [B,H,Lq] = sum_Lin fq.fk; sigma, ell [H]. Returns float32.
-    Rows with no visible key give 0.
-    """
-    s = soft_logits.float().masked_fill(~soft_mask, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = m.masked_fill(torch.isinf(m), 0.0)
-    w = torch.exp(s - m)                                                 # [B,H,Lq,M], masked entries 0
-    soft_num, soft_den = w @ soft_v.float(), w.sum(-1, keepdim=True)
-    lin_den = lin_den.unsqueeze(-1)
-    sig = sigma.float().view(-1, 1, 1)
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B,h,N,w], index [B,hi,X] (hi divides h: head j uses index head j // (h / hi)) -> [B,h,X,w] with
+    out[b, j, i] = x[b, j, index[b, j', i]]. Whole rows are copied (index_select on a contiguous x), far faster
+    on CPU than an element-wise gather."""
+    b, h, n, w = x.shape
+    index = _head_index(index, h)
+    if not x.is_contiguous():
+        return x[torch.arange(b, device=x.device)[:, None, None], torch.arange(h, device=x.device)[:, None], index]
+    flat = (index + torch.arange(b * h, device=x.device).view(b, h, 1) * n).flatten()
+    return x.view(b * h * n, w).index_select(0, flat).view(b, h, -1, w)
+
+
+def put_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: x[b, j, index[b, j', i]] = rows[b, j, i], the inverse of :func:`take_rows` (x may be a view)."""
+    b, h, n, w = x.shape
+    index = _head_index(index, h)
+    if not x.is_contiguous():
+        x[torch.arange(b, device=x.device)[:, None, None], torch.arange(h, device=x.device)[:, None], index] = rows
+        return
+    flat = (index + torch.arange(b * h, device=x.device).view(b, h, 1) * n).flatten()
+    x.view(b * h * n, w).index_copy_(0, flat, rows.reshape(-1, w).to(x.dtype))
+
+
+# ---- fusion ------------------------------------------------------------------------------------------------
+
+HIDDEN = 1e30
+"""Additive bias of a key outside the softmax set, so that a row max sees only visible keys (an add is far cheaper
+than a masked fill on CPU)."""
+EXP_FLOOR = -80.0
+"""Exponents are clamped here before exp: e^{-80} ~ 2e-35 is still a normal float32, while smaller results are
+denormals that make exp ~10x slower on CPU. Next to the row max's term e^0 = 1 the difference is far below
+float32 resolution."""
+
+
+def hide(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [..., Lq, M] with invisible keys (mask False; the mask broadcasts) pushed to about -1e30, in
+    place; the mask as float 0/1)."""
+    visible = mask.float()
+    return logits.add_((visible - 1.0) * HIDDEN), visible
+
+
+def visible_max(hidden_logits: torch.Tensor) -> torch.Tensor:
+    """Row max [..., Lq, 1] over the visible keys of :func:`hide`'s output; 0 for a row with none."""
+    m = hidden_logits.amax(-1, keepdim=True)
+    return torch.where(m > -HIDDEN / 2, m, torch.zeros_like(m))
+
+
+def exp_sums(hidden_logits: torch.Tensor, visible: torch.Tensor, m: torch.Tensor, v: torch.Tensor):
+    """(sum_j e^{s_ij - m_i} v_j [B,H,Lq,d], sum_j e^{s_ij - m_i} [B,H,Lq,1]) over the visible keys j, from
+    :func:`hide`'s output (logits [B,H,Lq,M], overwritten; visible 0/1); v [B,Hv,M,d] (Hv divides H)."""
+    w = hidden_logits.sub_(m).clamp_(min=EXP_FLOOR).exp_().mul_(visible)
+    return grouped_matmul(w, v.float()), w.sum(-1, keepdim=True)
+
+
+def mix(m, soft_num, soft_den, lin_num, lin_den, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6):
+    """The fusion of the module docstring from its parts: m [B,H,Lq,1] the row max of the softmax set (0 if it is
+    empty), soft_num [B,H,Lq,d] / soft_den [B,H,Lq,1] = sum_J e^{s-m} v / sum_J e^{s-m}, lin_num [B,H,Lq,d] /
+    lin_den [B,H,Lq,1] = sum_Lin fq.fk v / sum_Lin fq.fk; sigma, ell [H]. Returns y float32; 'lolcats' rows with
+    nothing visible give 0."""
+    sig, el = sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1)
     if mixing == "lolcats":
-        num = sig * soft_num + ell.float().view(-1, 1, 1) * lin_num
-        den = sig * soft_den + ell.float().view(-1, 1, 1) * lin_den
+        num = sig * soft_num + el * lin_num
+        den = sig * soft_den + el * lin_den
         return num / torch.where(den > 0, den, torch.ones_like(den))
     if mixing == "lola_code":  # multiply numerator and denominator by e^{-c}, c = max(m, 0): no overflow
         c = m.clamp_min(0.0)
-        soft_scale, lin_scale = torch.exp(m - c), torch.exp(-c)
-        num = sig * soft_scale * soft_num + (1 - sig) * lin_scale * lin_num
-        den = sig * soft_scale * soft_den + (1 - sig) * lin_scale * lin_den + eps * lin_scale
+        soft_scale, lin_scale = sig * torch.exp(m - c), torch.exp(-c)
+        num = soft_scale * soft_num + el * lin_scale * lin_num
+        den = soft_scale * soft_den + el * lin_scale * lin_den + eps * lin_scale
         return num / den
     raise ValueError(f"lola_cache.mixing={mixing!r} is not valid; choose one of {', '.join(MIXINGS)}")
 
 
-def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int, update_positions,
-                   window_mode: str = "sliding", mixing: str = "lolcats", gqa_selection: str = "query_head",
-                   num_kv_heads: int | None = None, key_mask: torch.Tensor | None = None, eps: float = 1e-6):
-    """Quadratic LoLA over one whole sequence (a test oracle; O(L^2) memory).
+def fuse(soft_logits, soft_mask, soft_v, lin_num, lin_den, sigma, ell, *, mixing: str = "lolcats",
+         eps: float = 1e-6) -> torch.Tensor:
+    """One block of softmax keys fused with given linear terms.
 
-    q, k, v [B,H,L,d] (KV already expanded to the H query heads), fq, fk [B,H,L,D], key_mask [B,L] (True = token).
-    ``update_positions``: the positions u at which the cache is updated (before query u attends). 'tk' aligns
-    its blocks to the end L (one call). Returns (y [B,H,L,d] float32, cached [B,H,L] bool after the last update).
+    soft_logits, soft_mask [B,H,Lq,M] (scaled logits; the mask broadcasts), soft_v [B,Hv,M,d] (Hv divides H);
+    lin_num [B,H,Lq,d], lin_den [B,H,Lq]; sigma, ell [H]. Returns y [B,H,Lq,d] float32.
+    """
+    t, visible = hide(soft_logits.float().clone(), soft_mask)
+    m = visible_max(t)
+    num, den = exp_sums(t, visible, m, soft_v)
+    return mix(m, num, den, lin_num, lin_den.unsqueeze(-1), sigma, ell, mixing=mixing, eps=eps)
+
+
+def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6,
+                lin_num=None, lin_den=None, cache_k=None, cache_v=None, cache_ok=None) -> torch.Tensor:
+    """Attention of S independent segments against their memories (the PyTorch twin of ``lola_kernels.lola.
+    lola_attend_triton``, same arguments).
+
+    q [S,H,Lq,d]; local softmax keys k, v [S,Hk,M,d] (sinks and recent pairs, per KV head) with mask [S,1 or H,
+    Lq,M]; optional cache keys cache_k, cache_v [S,Hs,G,d] with cache_ok [S,Hs,G] (Hk and Hs divide H);
+    fq [S,H,Lq,D]; the linear state h_state [S,H,D,d], s_state [S,H,D] float32 plus optional extra linear terms
+    lin_num [S,H,Lq,d], lin_den [S,H,Lq] (recent pairs out of the window, not yet scored). Returns y [S,H,Lq,d]
+    float32 = the fusion over J = (visible local keys) u (valid cache keys).
+    """
+    s, h, lq, d = q.shape
+    qf = q.float() / math.sqrt(d)                                                              # scaled once
+    local, visible = hide(grouped_matmul(qf, k.float().transpose(-1, -2)), mask)                 # [S,H,Lq,M]
+    m = local.amax(-1, keepdim=True)
+    if cache_k is not None:  # the cache block per storage head: [S,Hs,(H/Hs) Lq,G]
+        hs = cache_k.shape[1]
+        cached, c_visible = hide(qf.reshape(s, hs, -1, d) @ cache_k.float().transpose(-1, -2), cache_ok.unsqueeze(2))
+        m = torch.maximum(m, cached.amax(-1, keepdim=True).view(s, h, lq, 1))
+    m = torch.where(m > -HIDDEN / 2, m, torch.zeros_like(m))
+    num, den = exp_sums(local, visible, m, v)
+    if cache_k is not None:
+        c_num, c_den = exp_sums(cached, c_visible, m.view(s, hs, -1, 1), cache_v)
+        num, den = num + c_num.view(s, h, lq, d), den + c_den.view(s, h, lq, 1)
+    fq = fq.float()
+    l_num, l_den = fq @ h_state, fq @ s_state.unsqueeze(-1)
+    if lin_num is not None:
+        l_num, l_den = l_num + lin_num, l_den + lin_den.unsqueeze(-1)
+    return mix(m, num, den, l_num, l_den, sigma, ell, mixing=mixing, eps=eps)
+
+
+# ---- quadratic reference -----------------------------------------------------------------------------------
+
+def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int, chunk_size: int | None = None,
+                   update_positions=None, window_mode: str = "sliding", mixing: str = "lolcats",
+                   gqa_selection: str = "query_head", key_mask: torch.Tensor | None = None, sink_tokens: int = 0,
+                   eps: float = 1e-6):
+    """Quadratic LoLA over one call (a test oracle; O(L^2) memory per row).
+
+    q [B,H,L,d], k, v [B,Hk,L,d] (Hk divides H), fq [B,H,L,D], fk [B,H,L,D] (phi_k of the keys, per query head),
+    key_mask [B,L] (True = real token). Each row's real tokens are taken out of the padding and numbered 0, 1, ...;
+    the cache is updated before real query u for every u in ``update_positions`` (default: the multiples of
+    ``chunk_size``). 'tk' aligns its blocks to the row's number of real tokens. Returns (y [B,H,L,d] float32, 0 at
+    padding; cached [B,H,L] bool: in the sparse cache after the last update).
     """
     b, h, length, d = q.shape
-    dev = q.device
-    pos = torch.arange(length, device=dev)
-    valid = torch.ones(b, length, dtype=torch.bool, device=dev) if key_mask is None else key_mask.bool()
-    q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
-    fk = fk * valid[:, None, :, None]
-    groups = h // (num_kv_heads or h)
+    groups = h // k.shape[1]
+    valid = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    y = torch.zeros(b, h, length, d, device=q.device)
+    cached_out = torch.zeros(b, h, length, dtype=torch.bool, device=q.device)
+    for row in range(b):
+        idx = torch.nonzero(valid[row]).flatten()
+        n = idx.numel()
+        if n == 0:
+            continue
+        qr, fqr, fkr = q[row][:, idx].float(), fq[row][:, idx].float(), fk[row][:, idx].float()
+        kr, vr = expand_heads(k[row:row + 1], h)[0][:, idx].float(), expand_heads(v[row:row + 1], h)[0][:, idx].float()
+        updates = range(chunk_size, n, chunk_size) if update_positions is None else update_positions
+        yr, cached = _reference_row(qr, kr, vr, fqr, fkr, sigma, ell, window=window, global_size=global_size,
+                                    updates=updates, window_mode=window_mode, mixing=mixing, groups=groups,
+                                    gqa_selection=gqa_selection, sink_tokens=sink_tokens, eps=eps)
+        y[row][:, idx] = yr
+        cached_out[row][:, idx] = cached
+    return y, cached_out
 
-    cached = torch.zeros(b, h, length, dtype=torch.bool, device=dev)
+
+def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates, window_mode, mixing, groups,
+                   gqa_selection, sink_tokens, eps):
+    """One row's real tokens: q, k, v [H,n,d], fq, fk [H,n,D]. Returns (y [H,n,d], cached [H,n])."""
+    h, n, d = q.shape
+    pos = torch.arange(n, device=q.device)
+    sink = pos < sink_tokens                                                   # [n]
+    cached = torch.zeros(h, n, dtype=torch.bool, device=q.device)
     folded = torch.zeros_like(cached)
-    cached_for_query = torch.zeros(b, h, length, length, dtype=torch.bool, device=dev)  # [B,H,query,key]
-    bounds = sorted(set(int(u) for u in update_positions if 0 < u < length)) + [length]
+    cached_for_query = torch.zeros(h, n, n, dtype=torch.bool, device=q.device)  # [H,query,key]
+    bounds = sorted(set(int(u) for u in updates if 0 < u < n)) + [n]
     for u, nxt in zip([0] + bounds[:-1], bounds):
-        if u > 0:  # the update at position u
-            candidates = (cached | (pos < evict_before(u, window_mode, window))) & ~folded & valid[:, None, :]
-            h_state = torch.einsum("bhlD,bhld->bhDd", fk * folded[..., None], v)
-            s_state = (fk * folded[..., None]).sum(2)
-            sre = self_recall_error(fk, v, h_state, s_state, eps)
-            score = group_scores(sre, groups, gqa_selection)
-            score = expand_heads(score, h).masked_fill(~candidates, float("-inf"))
+        if u > 0:  # the update before query u
+            candidates = (cached | (pos < evict_before(u, window_mode, window))) & ~folded & ~sink
+            h_state = torch.einsum("hlD,hld->hDd", fk * folded[..., None], v)
+            s_state = (fk * folded[..., None]).sum(1)
+            sre = self_recall_error(fk[None], v[None], h_state[None], s_state[None], eps)
+            score = expand_heads(group_scores(sre, groups, gqa_selection), h)[0]
+            score = score.masked_fill(~candidates, float("-inf"))
             kept = torch.zeros_like(cached)
             if global_size > 0:
-                kept.scatter_(-1, score.topk(min(global_size, length), dim=-1).indices, True)
+                kept.scatter_(-1, score.topk(min(global_size, n), dim=-1).indices, True)
             cached = kept & candidates
             folded = folded | (candidates & ~cached)
-        cached_for_query[:, :, u:nxt] = cached[:, :, None, :]
+        cached_for_query[:, u:nxt] = cached[:, None, :]
 
-    causal = (pos[None, :] <= pos[:, None]) & valid[:, None, None, :]                  # [B,1,L,L]
-    soft = (in_window(pos, pos, window_mode, window, length) | cached_for_query) & causal
+    causal = pos[None, :] <= pos[:, None]                                       # [query, key]
+    soft = (in_window(pos, pos, window_mode, window, n) | sink[None, :] | cached_for_query) & causal
     lin = causal & ~soft
     s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     phi = (fq @ fk.transpose(-1, -2)) * lin
@@ -228,10 +391,10 @@ def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int
     if mixing == "lolcats":
         m = s.masked_fill(~soft, float("-inf")).amax(-1, keepdim=True)
         m = m.masked_fill(torch.isinf(m), 0.0)
-        a = sig * torch.exp(s - m) * soft + el * phi
+        a = sig * torch.exp(s.masked_fill(~soft, float("-inf")) - m) + el * phi
         den = a.sum(-1, keepdim=True)
         y = (a @ v) / torch.where(den > 0, den, torch.ones_like(den))
-    else:  # the LoLA code's form, unstabilised (use moderate logits)
-        a = sig * torch.exp(s) * soft + (1 - sig) * phi
+    else:  # 'lola_code', unstabilised (tests use moderate logits)
+        a = sig * torch.exp(s.masked_fill(~soft, float("-inf"))) + el * phi
         y = (a @ v) / (a.sum(-1, keepdim=True) + eps)
     return y, cached
