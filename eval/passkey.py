@@ -171,10 +171,77 @@ class CellResult:
     cache_bytes_per_seq: int = 0    # measured after the prompt and the answer
     seconds: float = 0.0
     predictions: list = field(default_factory=list)
+    needle_memory: list = field(default_factory=list)   # LoLA: per layer, mean over samples (see NeedleProbe)
+    needle_summary: str = ""
 
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.n if self.n else None
+
+
+class NeedleProbe:
+    """Where the needle's key/value pairs are when the question starts (LoLA caches): a forward pre-hook splits
+    the prefill forward that crosses the question's first token, runs the part before it, and reads each layer's
+    ``LolaLayer.memory_of`` for the needle's positions. ``result``: per layer, the fraction of the needle's tokens
+    (averaged over heads) in each memory of ``lola_ops.MEMORIES`` (recent = window or waiting for the next update,
+    sink, cache, linear); None for other caches. Splitting the prompt does not change what the model computes."""
+
+    def __init__(self, model, sample: PasskeySample, question_tokens: int):
+        self.model, self.sample = model, sample
+        self.question_start = len(sample.ids) - question_tokens
+        self.result: list[dict] | None = None
+        self._inside = False
+
+    def __enter__(self) -> "NeedleProbe":
+        active = getattr(self.model.config, "lola_cache", None) is not None
+        self._handle = self.model.register_forward_pre_hook(self._pre, with_kwargs=True) if active else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def _pre(self, module, args, kwargs):
+        ids, cache = kwargs.get("input_ids"), kwargs.get("cache")
+        if self._inside or self.result is not None or ids is None or cache is None:
+            return None
+        seen, q = cache.get_seq_length(), self.question_start
+        if seen < q < seen + ids.shape[1]:  # run the tokens before the question first
+            self._inside = True
+            try:
+                module(**{**kwargs, "input_ids": ids[:, :q - seen]})
+            finally:
+                self._inside = False
+            kwargs = {**kwargs, "input_ids": ids[:, q - seen:]}
+            seen = q
+        if seen == q:
+            self.result = needle_memory(cache, self.sample.needle_start, self.sample.needle_tokens)
+        return args, kwargs
+
+
+def needle_memory(cache, start: int, tokens: int) -> list[dict] | None:
+    """Per LoLA layer of ``cache`` (batch 1): the fraction of positions [start, start + tokens) held in each memory,
+    averaged over heads; None when the cache has no LoLA layers."""
+    import torch
+
+    from lola_train.modeling.lola_ops import MEMORIES
+
+    layers = [layer for layer in getattr(cache, "layers", []) if hasattr(layer, "memory_of")]
+    if not layers or not all(layer.is_initialized for layer in layers):
+        return None
+    positions = torch.arange(start, start + tokens)
+    out = []
+    for layer in layers:
+        codes = layer.memory_of(positions)[0]                        # [heads, tokens]
+        out.append({name: round(float((codes == i).float().mean()), 4) for i, name in enumerate(MEMORIES)})
+    return out
+
+
+def needle_summary(per_layer: Sequence[dict]) -> str:
+    """'needle: cache 78%, linear 22% (layers 0-29 mean)'."""
+    mean = {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]}
+    parts = [f"{name} {100 * share:.0f}%" for name, share in sorted(mean.items(), key=lambda kv: -kv[1]) if share]
+    return f"needle: {', '.join(parts)} (layers 0-{len(per_layer) - 1} mean)"
 
 
 def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str, cache_label: str,
@@ -188,6 +255,7 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
 
     cells: dict[tuple[int, float], CellResult] = {}
     stop = answer_complete(tokenizer)
+    question_tokens = len(tokenizer(QUESTION, add_special_tokens=False).input_ids)
     device = next(model.parameters()).device
     for s in samples:
         cell = cells.setdefault((s.length, s.depth), CellResult(label, cache_label, s.length, s.depth))
@@ -196,8 +264,9 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
                            f"{budget_bytes / 2**20:.1f} MiB")
             continue
         t0 = time.perf_counter()
-        out = greedy_generate(model, torch.tensor([s.ids], device=device), max_new_tokens=MAX_NEW_TOKENS,
-                              prefill_chunk=prefill_chunk, eos_token_id=tokenizer.eos_token_id, stop=stop)
+        with NeedleProbe(model, s, question_tokens) as probe:
+            out = greedy_generate(model, torch.tensor([s.ids], device=device), max_new_tokens=MAX_NEW_TOKENS,
+                                  prefill_chunk=prefill_chunk, eos_token_id=tokenizer.eos_token_id, stop=stop)
         cell.seconds += time.perf_counter() - t0
         text = tokenizer.decode(out.new_ids)
         pred = parse_answer(text)
@@ -205,10 +274,18 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
         cell.correct += int(pred == s.answer)
         cell.cache_bytes_per_seq = max(cell.cache_bytes_per_seq, out.cache_bytes)
         cell.predictions.append({"index": s.index, "answer": s.answer, "prediction": pred, "text": text})
+        if probe.result is not None:
+            cell.predictions[-1]["needle_memory"] = probe.result
     for c in cells.values():
+        probed = [p["needle_memory"] for p in c.predictions if "needle_memory" in p]
+        if probed:
+            c.needle_memory = [{name: round(sum(p[i][name] for p in probed) / len(probed), 4) for name in probed[0][i]}
+                               for i in range(len(probed[0]))]
+            c.needle_summary = needle_summary(c.needle_memory)
         acc = "-" if c.accuracy is None else f"{c.accuracy:.2f}"
         log(f"  {label:<12} {cache_label:<14} len={c.length:<6} depth={c.depth:<4} acc={acc} (n={c.n}) "
-            f"cache={c.cache_bytes_per_seq / 2**20:.2f} MiB/seq  {c.seconds:.1f}s  {c.status if c.status != 'ok' else ''}")
+            f"cache={c.cache_bytes_per_seq / 2**20:.2f} MiB/seq  {c.seconds:.1f}s  {c.status if c.status != 'ok' else ''}"
+            f"{'  ' + c.needle_summary if c.needle_summary else ''}")
     return list(cells.values())
 
 
