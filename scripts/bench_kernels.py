@@ -10,6 +10,11 @@ Decode rows: latency of one new token against a context of length L for
 
   python scripts/bench_kernels.py                      # CUDA: 1K-32K, Llama-3-8B-like heads (32 q / 8 kv, d 128)
   python scripts/bench_kernels.py --device cpu         # PyTorch rows only, small sizes (runs anywhere)
+  TRITON_INTERPRET=1 python scripts/bench_kernels.py --device cpu --impls triton chunked sdpa --lengths 80
+                                                       # the triton rows in Triton's CPU interpreter (a smoke run)
+
+On CUDA the 'sdpa' rows use FlashAttention when PyTorch has it for these shapes (checked once; the JSON's
+config.sdpa_backend says which), else PyTorch's default SDPA dispatch.
 
 Prints a table and writes JSON (default bench_results/bench_kernels_<device>.json). Memory: on CUDA the peak
 allocated bytes above the inputs (torch.cuda.max_memory_allocated); on CPU the peak RSS growth sampled every
@@ -50,8 +55,10 @@ def parse_args(argv=None):
     ap.add_argument("--chunk-size", type=int, default=64, help="C of the chunked PyTorch path")
     ap.add_argument("--dtype", choices=tuple(DTYPES), help="q/k/v dtype (default: cuda bf16, cpu fp32)")
     ap.add_argument("--precision", choices=("ieee", "tf32"), default="ieee", help="tl.dot precision of the kernels")
-    ap.add_argument("--impls", nargs="+", default=["triton", "chunked", "sdpa"],
-                    help="prefill implementations among triton, chunked, sdpa")
+    ap.add_argument("--impls", nargs="+",
+                    help="prefill implementations among triton, chunked, sdpa (default: cuda all three, cpu the "
+                         "PyTorch two; triton on cpu needs TRITON_INTERPRET=1)")
+    ap.add_argument("--no-decode", action="store_true", help="prefill rows only")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path)
@@ -66,11 +73,14 @@ def parse_args(argv=None):
     args.head_dim = args.head_dim or (128 if cuda else 64)
     args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     args.out = args.out or Path("bench_results") / f"bench_kernels_{args.device}.json"
+    args.impls = args.impls or (["triton", "chunked", "sdpa"] if cuda else ["chunked", "sdpa"])
     if args.heads % args.kv_heads:
         ap.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     for name in args.impls:
         if name not in ("triton", "chunked", "sdpa"):
             ap.error(f"--impls: unknown implementation {name!r}; choose among triton, chunked, sdpa")
+    if "triton" in args.impls and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--impls triton on --device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     return args
 
 
@@ -162,7 +172,12 @@ def make_impls(args):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
 
     impls = {"chunked": chunked, "sdpa": sdpa}
-    if args.device == "cuda" and "triton" in args.impls:
+    args.sdpa_backend = "default"
+    if args.device == "cuda" and "sdpa" in args.impls:
+        flash = flash_sdpa(args)
+        if flash is not None:
+            impls["sdpa"], args.sdpa_backend = flash, "flash"
+    if "triton" in args.impls:  # CUDA, or CPU under TRITON_INTERPRET=1 (checked in parse_args)
         import lola_kernels  # noqa: F401  (registers BACKENDS['triton'])
 
         def triton_impl(q, k, v, fq, fk, sigma, ell):
@@ -170,6 +185,27 @@ def make_impls(args):
 
         impls["triton"] = triton_impl
     return {name: fn for name, fn in impls.items() if name in args.impls}
+
+
+def flash_sdpa(args):
+    """SDPA restricted to the FlashAttention backend, if it runs these shapes (GQA included); else None."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    groups = args.heads // args.kv_heads
+
+    def flash(q, k, v, fq, fk, sigma, ell):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+
+    q, k, v = (torch.randn(1, h, 128, args.head_dim, device="cuda", dtype=args.dtype)
+               for h in (args.heads, args.kv_heads, args.kv_heads))
+    try:
+        flash(q, k, v, None, None, None, None)
+    except RuntimeError:
+        return None
+    return flash
 
 
 def make_inputs(args, length, requires_grad, q_len=None):
@@ -230,6 +266,9 @@ def bench_prefill(args, impls):
                     row.update(ms=sec * 1e3, tokens_per_s=args.batch * length / sec, peak_mem_mb=mem)
                 except torch.cuda.OutOfMemoryError:
                     row.update(error="out of memory")
+                except Exception as e:  # a failing kernel costs its rows, not the table
+                    first = str(e).strip().splitlines()
+                    row.update(error=f"{type(e).__name__}: {first[0][:300] if first else ''}")
                 finally:
                     inputs = None
                     if args.device == "cuda":
@@ -320,10 +359,11 @@ def main(argv=None):
     print(f"B={args.batch} H={args.heads} H_kv={args.kv_heads} d={args.head_dim} D={2 * args.feature_dim} "
           f"W={args.window} layout={args.layout} dtype={config['dtype']} kernel precision={args.precision}")
     if args.device == "cpu" and "triton" in args.impls:
-        print("note: the triton rows need CUDA; on CPU only the PyTorch rows run")
+        print("note: the triton rows run in Triton's CPU interpreter (TRITON_INTERPRET=1): not a timing")
     length, errors = check_against_reference(args, impls)
     print(f"max |y - reference| at L={length}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
-    rows = bench_prefill(args, impls) + bench_decode(args)
+    print(f"sdpa backend: {args.sdpa_backend}")
+    rows = bench_prefill(args, impls) + ([] if args.no_decode else bench_decode(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(device=device_name, torch=torch.__version__, config=config,
                                         reference_check=dict(length=length, max_abs_error=errors),
