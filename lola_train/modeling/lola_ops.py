@@ -140,7 +140,8 @@ def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, 
     """The Triton LoLA kernels (module ``lola_kernels.lola``) when they should run for tensors like ``x``, else
     None (the PyTorch path). ``backend`` is ``attention.backend``: 'auto' uses them for CUDA tensors when
     lola_kernels imports and takes these widths; 'chunked'/'reference' never; 'triton' always (an error if
-    lola_kernels is missing; the kernels themselves refuse CPU tensors outside Triton's interpreter).
+    lola_kernels is missing; the kernels themselves refuse CPU tensors outside Triton's interpreter). Under 'auto'
+    the kernels are first checked against the PyTorch functions (lola_kernels.guard.lola_kernels_ok).
     Imported lazily: this file is copied into exported checkpoints, which must work without triton."""
     if backend in ("chunked", "reference") or (backend == "auto" and not x.is_cuda):
         return None
@@ -151,8 +152,12 @@ def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, 
             raise ValueError("attention.backend='triton' needs the lola_kernels package and triton "
                              "(pip install 'lola-train[triton]'); or choose 'auto' or 'chunked'") from None
         return None
-    if backend == "auto" and not kernels.supports(head_dim, feature_width):
-        return None
+    if backend == "auto":
+        if not kernels.supports(head_dim, feature_width):
+            return None
+        from lola_kernels.guard import lola_kernels_ok  # self-check once per device and widths; warns on failure
+        if not lola_kernels_ok(kernels, x.device, head_dim, feature_width):
+            return None
     return kernels
 
 
