@@ -20,21 +20,18 @@ else:
     from lola_train.modeling.hybrid_ops import BACKENDS
 
     from .hybrid import HybridAttentionTriton, default_block, hybrid_attention_triton, interpreting, supports
+    from . import guard
     from .lola import fold_triton, lola_attend_triton, self_recall_error_triton
 
     def triton_backend(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64,
                        mixing="lolcats", sink_tokens=0):
         """BACKENDS entry (registry signature); chunk_size belongs to the PyTorch path and is not used."""
-        if mixing != "lolcats" or sink_tokens:
-            raise ValueError(f"attention.backend='triton': the kernels implement mixing='lolcats' without sinks; "
-                             f"got mixing={mixing!r}, sink_tokens={sink_tokens}; use backend 'auto' or 'chunked'")
         return hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
-                                       key_mask=key_mask)
+                                       key_mask=key_mask, mixing=mixing, sink_tokens=sink_tokens)
 
-    def _supports(q, fq, *, mixing="lolcats", sink_tokens=0):
-        return mixing == "lolcats" and not sink_tokens and supports(q, fq)
-
-    triton_backend.supports = _supports  # consulted by backend 'auto' before it picks the kernels
+    triton_backend.supports = supports  # consulted by backend 'auto' before it picks the kernels
+    # what backend 'auto' calls: self-checked once per device and options, else the PyTorch path (lola_kernels.guard)
+    triton_backend.guarded = guard.guarded(triton_backend)
     BACKENDS["triton"] = triton_backend
 
     __all__ = ["HybridAttentionTriton", "hybrid_attention_triton", "triton_backend", "default_block", "interpreting",

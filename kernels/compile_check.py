@@ -6,6 +6,10 @@ process where TRITON_INTERPRET is not set (the decorator must produce compilable
 
     python -m lola_kernels.compile_check            # sm_90 (H100), the default configurations
     python -m lola_kernels.compile_check --arch 80  # sm_80 (A100)
+
+For each size it compiles the five hybrid kernels for both layouts (mixing 'lolcats', no sinks), then the three
+attention kernels again for the other variants ('lolcats' + sinks, 'lola_code', 'lola_code' + sinks: the
+constexprs MIXING and SB select different code), then the LoLA kernels.
 """
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ from . import lola as kl
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in max)
 
-_INT_ARGS = {"Lq", "Lk", "H", "G", "NB", "n0", "P", "W", "SHIFT", "d", "D"}
+_INT_ARGS = {"Lq", "Lk", "H", "G", "NB", "n0", "P", "W", "SHIFT", "NS", "d", "D"}
 
 
 def _signature(kernel, io_dtype: str, constexprs: dict) -> dict:
-    """Triton signature strings: q/k/v/dy in io_dtype, feature maps and work buffers fp32, the mask int8."""
+    """Triton signature strings: q/k/v/dy in io_dtype, feature maps and work buffers fp32, the mask int8, the
+    sink positions and arg-max positions int32."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -39,56 +44,67 @@ def _signature(kernel, io_dtype: str, constexprs: dict) -> dict:
             sig[name] = f"*{io_dtype}"
         elif name == "KM":
             sig[name] = "*i8"
-        elif name == "AM":
+        elif name in ("AM", "SINK"):
             sig[name] = "*i32"
         else:
             sig[name] = "*fp32"
     return sig
 
 
-def configurations(head_dim: int, feature_width: int, *, has_mask: bool, layout: int, precision: str):
+def configurations(head_dim: int, feature_width: int, *, has_mask: bool, layout: int, precision: str,
+                   mixing: str = "lolcats", sinks: bool = False, states: bool = True):
     """(kernel, constexprs, num_warps) for every kernel of one call with these sizes and options, as launched by
-    hybrid.py (the state scans with Triton's default of 4 warps)."""
+    hybrid.py (the state scans with Triton's default of 4 warps). ``mixing`` and ``sinks`` (the sink tile, SB > 0)
+    only change the attention kernels; ``states=False`` leaves out the two state scans."""
     block = kh.default_block(head_dim, feature_width)
     dh, df = kh._pow2(head_dim), kh._pow2(feature_width)
     bd, bv = min(df, 64), min(dh, 64)
-    attn = dict(LAYOUT=layout, HAS_MASK=has_mask, C=block, DH=dh, DF=df, PREC=precision)
+    attn = dict(LAYOUT=layout, HAS_MASK=has_mask, MIXING=kh.MIXINGS.index(mixing), C=block, DH=dh, DF=df,
+                PREC=precision)
+    with_sinks = dict(attn, SB=kh.SINK_BLOCK if sinks else 0)
     warps = kh.num_warps(block)
-    return [
-        (kh._state_fwd_kernel, dict(HAS_MASK=has_mask, C=block, BD=bd, BV=bv, PREC=precision), 4),
-        (kh._attn_fwd_kernel, attn, warps),
-        (kh._attn_bwd_dq_kernel, attn, warps),
-        (kh._state_bwd_kernel, dict(C=block, BD=bd, BV=bv, PREC=precision), 4),
-        (kh._attn_bwd_dkdv_kernel, attn, warps),
-    ]
+    state_fwd = (kh._state_fwd_kernel, dict(HAS_MASK=has_mask, C=block, BD=bd, BV=bv, PREC=precision), 4)
+    state_bwd = (kh._state_bwd_kernel, dict(C=block, BD=bd, BV=bv, PREC=precision), 4)
+    fwd = (kh._attn_fwd_kernel, with_sinks, warps)
+    dq = (kh._attn_bwd_dq_kernel, with_sinks, warps)
+    dkdv = (kh._attn_bwd_dkdv_kernel, attn, warps)
+    return [state_fwd, fwd, dq, state_bwd, dkdv] if states else [fwd, dq, dkdv]
 
 
 def compile_kernels(head_dim: int, feature_width: int, *, arch: int = 90, io_dtype: str = "bf16",
-                    has_mask: bool = True, layout: int = 1, precision: str = "ieee") -> list[dict]:
-    """Compile every kernel to a cubin for sm_<arch>. Returns one dict per kernel (name, shared bytes, limit)."""
+                    has_mask: bool = True, layout: int = 1, precision: str = "ieee", mixing: str = "lolcats",
+                    sinks: bool = False, states: bool = True, kernels: tuple[str, ...] | None = None) -> list[dict]:
+    """Compile every kernel to a cubin for sm_<arch> (``states=False``: the attention kernels only; ``kernels``:
+    only those names). Returns one dict per kernel (name, options, shared bytes, limit)."""
     if kh.interpreting():
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels were decorated for the interpreter and cannot "
                            "be compiled; run this in a process without it")
     target = GPUTarget("cuda", arch, 32)
     out = []
     for kernel, constexprs, num_warps in configurations(head_dim, feature_width, has_mask=has_mask, layout=layout,
-                                                        precision=precision):
+                                                        precision=precision, mixing=mixing, sinks=sinks,
+                                                        states=states):
+        if kernels is not None and kernel.__name__ not in kernels:
+            continue
         src = ASTSource(fn=kernel, signature=_signature(kernel, io_dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         assert "cubin" in compiled.asm, f"{kernel.__name__}: no cubin produced"
         shared = compiled.metadata.shared
         out.append(dict(kernel=kernel.__name__, head_dim=head_dim, feature_width=feature_width, arch=arch,
                         io_dtype=io_dtype, has_mask=has_mask, layout="sw" if layout == 0 else "tk",
-                        precision=precision, num_warps=num_warps, shared_bytes=shared,
+                        precision=precision, mixing=mixing if "MIXING" in constexprs else "",
+                        sinks=bool(constexprs.get("SB", 0)), num_warps=num_warps, shared_bytes=shared,
                         shared_limit=SHARED_LIMIT.get(arch)))
     return out
 
 
-_LOLA_INT_ARGS = {"Lq", "M", "N", "H", "G", "GF", "d", "D", "msb", "msh", "msq", "msm", "fsb", "fsh", "fsn"}
+_LOLA_INT_ARGS = {"Lq", "M", "M2", "N", "H", "G", "G2", "GF", "d", "D", "msb", "msh", "msq", "msm", "fsb", "fsh",
+                  "fsn"}
 
 
 def _lola_signature(kernel, io_dtype: str, constexprs: dict) -> dict:
-    """LoLA kernels: q/k/v in io_dtype, masks int8, feature maps, states and outputs fp32."""
+    """LoLA kernels: q/k/v (and the global cache's K2/V2) in io_dtype, masks and validity flags int8, feature maps,
+    states and outputs fp32."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -97,9 +113,9 @@ def _lola_signature(kernel, io_dtype: str, constexprs: dict) -> dict:
             sig[name] = "i32"
         elif name in ("scale", "eps"):
             sig[name] = "fp32"
-        elif name in ("Q", "K", "V"):
+        elif name in ("Q", "K", "V", "K2", "V2"):
             sig[name] = f"*{io_dtype}"
-        elif name in ("MASK", "F"):
+        elif name in ("MASK", "F", "OK2"):
             sig[name] = "*i8"
         else:
             sig[name] = "*fp32"
@@ -137,8 +153,8 @@ def compile_lola_kernels(head_dim: int, feature_width: int, *, arch: int = 90, i
         if "BQ" in constexprs:
             name += f"[BQ={constexprs['BQ']},{'lolcats' if constexprs['MIXING'] == 0 else 'lola_code'}]"
         out.append(dict(kernel=name, head_dim=head_dim, feature_width=feature_width, arch=arch,
-                        io_dtype=io_dtype, has_mask=True, layout="lola", precision=precision,
-                        num_warps=num_warps, shared_bytes=compiled.metadata.shared,
+                        io_dtype=io_dtype, has_mask=True, layout="lola", precision=precision, mixing="",
+                        sinks=False, num_warps=num_warps, shared_bytes=compiled.metadata.shared,
                         shared_limit=SHARED_LIMIT.get(arch)))
     return out
 
@@ -158,6 +174,9 @@ def main(argv=None) -> int:
         for layout in (0, 1):
             rows += compile_kernels(d, f, arch=args.arch, io_dtype=args.io_dtype, layout=layout,
                                     precision=args.precision)
+        for mixing, sinks in (("lolcats", True), ("lola_code", False), ("lola_code", True)):  # the other variants
+            rows += compile_kernels(d, f, arch=args.arch, io_dtype=args.io_dtype, layout=1, precision=args.precision,
+                                    mixing=mixing, sinks=sinks, states=False)
         rows += compile_lola_kernels(d, f, arch=args.arch, io_dtype=args.io_dtype, precision=args.precision)
     for r in rows:
         if r["shared_limit"] is not None and r["shared_bytes"] > r["shared_limit"]:
@@ -166,8 +185,9 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
+            variant = f"{r['mixing']}{'+sinks' if r['sinks'] else ''}"
             print(f"sm_{r['arch']} d={r['head_dim']:<3} D={r['feature_width']:<3} {r['layout']} {r['io_dtype']} "
-                  f"{r['kernel']:<24} shared {r['shared_bytes']:>7} B (limit {r['shared_limit']})")
+                  f"{r['kernel']:<24} {variant:<15} shared {r['shared_bytes']:>7} B (limit {r['shared_limit']})")
     if too_big:
         print(f"{len(too_big)} kernel(s) need more shared memory than sm_{args.arch} has", file=sys.stderr)
         return 1

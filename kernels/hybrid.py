@@ -1,34 +1,48 @@
 """Triton kernels for the hybrid sliding-window softmax + linear attention, forward and backward (spec 1.4).
 
-The function is exactly :func:`lola_train.modeling.hybrid_ops.hybrid_attention_reference`:
+The function is exactly :func:`lola_train.modeling.hybrid_ops.hybrid_attention_reference`, both mixings and
+attention sinks included. With J(i) = Win(i) u Sink(i) the softmax set of query i (Sink(i): the first S real keys
+of its row with j <= p, S = ``sink_tokens``; they are never in Lin(i)):
 
-    s_ij = q_i . k_j / sqrt(d),   m_i = max_{j in Win(i)} s_ij      (window only, trap T1)
-    A_ij = sigma_h exp(s_ij - m_i) on Win(i),   ell_h fq_i . fk_j on Lin(i)   (linear terms never shifted)
-    y_i  = sum_j A_ij v_j / sum_j A_ij       (0 / 1 when the denominator is not positive, like the reference)
+    s_ij = q_i . k_j / sqrt(d),   m_i = max_{j in J(i)} s_ij       (softmax set only, trap T1)
+    'lolcats':   A_ij = sigma_h exp(s_ij - m_i) on J(i),  ell_h fq_i . fk_j on Lin(i)   (linear terms never shifted)
+                 y_i  = sum_j A_ij v_j / sum_j A_ij      (0 / 1 when the denominator is not positive, like the reference)
+    'lola_code': A_ij = sigma_h exp(s_ij) on J(i),  ell_h fq_i . fk_j on Lin(i)
+                 y_i  = sum_j A_ij v_j / (sum_j A_ij + 1e-6), evaluated with every term and the 1e-6 times e^{-c_i},
+                 c_i = max(m_i, 0): the softmax terms become sigma e^{s - c}, the linear ones ell e^{-c} fq.fk.
 
 Algorithm (the blueprint is ``hybrid_attention_chunked``). The key axis is cut into blocks of C keys aligned to
 position 0; query row p (absolute position, p = Lk - Lq + i) lives in block n = p // C. Query block n scores the
 keys of blocks n-P..n explicitly (P = ceil(lookback / C), lookback = W-1 for 'sw', 2W-1 for 'tk'), which hold
 its whole window and the newest part of its linear memory; every older key enters through the prefix state
-S_n = sum_{keys < (n-P) C} fk^T v  [D, d] and z = sum fk [D].
+S_n = sum_{keys < (n-P) C} fk^T v  [D, d] and z = sum fk [D]. Sinks: the host gathers their positions
+(``SINK`` [B, NS] int32, Lk where a row has fewer than NS real keys) and removes them from the key mask the
+kernels read, so the window/linear blocks and the state scans skip them; each query block scores them once more
+as one extra tile of SB = 16 softmax keys (NS <= 16), so each key is counted once.
 
 Forward:  ``_state_fwd_kernel`` (scan: states at every block boundary, [B*H, NB, D, d]) then
-          ``_attn_fwd_kernel`` (one program per query block and head: online max over window positions only,
-          an unshifted linear accumulator, plus fq @ S). It saves per row the denominator, the max m and the
-          index of the arg-max key (the max is part of the function, so it carries a gradient).
-Backward: ``_attn_bwd_dq_kernel`` (dq, dfq, the per-row max gradient and per-row sigma/ell gradients),
-          ``_state_bwd_kernel`` (reverse scan of dS = sum ell fq^T g over the query blocks that read a state),
-          ``_attn_bwd_dkdv_kernel`` (dk, dv, dfk from the local blocks plus the state gradients).
+          ``_attn_fwd_kernel`` (one program per query block and head: the sink tile, then an online max over the
+          window positions, an unshifted linear accumulator plus fq @ S; the mixing is applied at the end). It
+          saves per row the full denominator, the shift of the softmax terms (m for 'lolcats', c for
+          'lola_code') and the position of the arg-max key of the softmax set (a window key or a sink).
+Backward: ``_attn_bwd_dq_kernel`` (dq, dfq, the per-row max gradient, per-row sigma/ell gradients and, per query
+          block, the partial dk/dv of the sink keys [B*H, NQ, NS, d], summed and scattered on the host),
+          ``_state_bwd_kernel`` (reverse scan of dS = sum ell e^{-c} fq^T g over the query blocks that read a state),
+          ``_attn_bwd_dkdv_kernel`` (dk, dv, dfk of the non-sink keys from the local blocks plus the state
+          gradients). In 'lolcats' the max m is part of the function and carries a gradient (to the arg-max key);
+          in 'lola_code' y does not depend on c (numerator and denominator share the factor e^{-c}), so c carries
+          none.
 A (query block, key block) pair with no window pair skips the softmax half, one with no linear pair the
-linear half (``_block_has``). Saved for backward: the inputs, y in fp32 and three numbers per row; the states
-are recomputed (one scan) rather than kept.
+linear half (``_block_has``). Saved for backward: the inputs, the sink-free key mask and sink positions, y in
+fp32 and three numbers per row (den, shift, arg-max position); the states are recomputed (one scan) rather
+than kept.
 
 All arithmetic is float32 (``tl.dot`` with ``input_precision='ieee'`` by default, so no TF32 rounding); inputs
 may be fp32/bf16/fp16 and are cast up on load. Grouped-query attention: k and v may have H_kv heads with
 H % H_kv == 0 (query head h reads KV head h // (H / H_kv)); fq and fk are per query head (trap T2).
 
 Masks: ``key_mask`` [B, Lk] (True = real token) removes keys from both memories, as in the reference. The
-max of a row is taken over its window keys that are real; rows with no such key use m = 0 (the reference's
+max of a row is taken over its softmax keys that are real; rows with no such key use m = 0 (the reference's
 convention). Ties for the max send its gradient to the first arg-max key (torch.amax splits it among ties).
 """
 from __future__ import annotations
@@ -40,9 +54,11 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from lola_train.modeling.hybrid_ops import hybrid_attention_reference
+from lola_train.modeling.hybrid_ops import LOLA_CODE_EPS, MIXINGS, hybrid_attention_reference, sink_keys
 
-_NEG = tl.constexpr(-1.0e30)  # running-max sentinel of rows that have seen no window key yet
+_NEG = tl.constexpr(-1.0e30)  # running-max sentinel of rows that have seen no softmax key yet
+_EPS = tl.constexpr(LOLA_CODE_EPS)  # 'lola_code' denominator epsilon
+SINK_BLOCK = 16  # SB: width of the sink tile (tl.dot needs >= 16); at most this many sink tokens
 
 
 @triton.jit
@@ -124,10 +140,35 @@ def _state_fwd_kernel(FK, V, KM, S, Z, Lk, H, G, NB, D, d,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, Y, DEN, M, AM,
-                     Lq, Lk, H, G, NB, n0, P, W, SHIFT, scale, d, D,
-                     LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, C: tl.constexpr,
-                     DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
+def _sink_tile(K, V, SINK, kv_off, b, p, Lk, NS, d, cd, d_ok, SB: tl.constexpr):
+    """The sink keys of row b as one tile: (positions sp [SB], visible [rows, SB], k [SB, DH], v [SB, DH]).
+
+    A sink is visible to the query rows at or after its position; slots past NS or holding Lk (the row has fewer
+    real keys than sinks) are invisible and load zeros."""
+    cs = tl.arange(0, SB)
+    sp = tl.load(SINK + b * NS + cs, mask=cs < NS, other=0)
+    s_ok = (cs < NS) & (sp < Lk)
+    ks = tl.load(K + kv_off + sp[:, None] * d + cd[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)
+    vs = tl.load(V + kv_off + sp[:, None] * d + cd[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)
+    vis = s_ok[None, :] & (sp[None, :] <= p[:, None])
+    return sp, vis, ks, vs
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, Y, DEN, M, AM,
+                     Lq, Lk, H, G, NB, n0, P, W, SHIFT, NS, scale, d, D,
+                     LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, MIXING: tl.constexpr, SB: tl.constexpr,
+                     C: tl.constexpr, DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
+    """One query block n (program 0, offset by n0) of one query head bh = b*H + h (program 1).
+
+    Q [B,H,Lq,d], K, V [B,H/G,Lk,d], FQ [B,H,Lq,D], FK [B,H,Lk,D], SIG, ELL [H] fp32, KM [B,Lk] int8 (real and not
+    a sink; read when HAS_MASK), SINK [B,NS] int32 (read when SB > 0), S [B*H,NB,D,d], Z [B*H,NB,D] prefix states.
+    Writes Y [B,H,Lq,d] fp32 and per row DEN (the full denominator, with the eps term in 'lola_code'), M (the
+    shift of the softmax terms: m for MIXING 0 'lolcats', c = max(m, 0) for MIXING 1 'lola_code') and AM (int32
+    position of the first arg-max key of the softmax set, -1 if none), all [B*H, Lq].
+    """
     n = tl.program_id(0) + n0
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
     b = bh // H
@@ -160,6 +201,17 @@ def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, Y, DEN, M, AM,
     l_w = tl.zeros([C], dtype=tl.float32)
     m = tl.full([C], _NEG, tl.float32)
     am = tl.full([C], -1, tl.int32)
+    if SB > 0:  # the sink tile opens the online max (softmax keys outside the window blocks)
+        # (names of its own: a name assigned before the loop below would become one of its loop-carried values)
+        sp, vis, ks, vs = _sink_tile(K, V, SINK, kv_off, b, p, Lk, NS, d, cd, d_ok, SB)
+        s_snk = tl.where(vis, tl.dot(q, tl.trans(ks), input_precision=PREC) * scale, float("-inf"))
+        max_snk = tl.max(s_snk, 1)
+        arg_snk = tl.min(tl.where(s_snk == max_snk[:, None], sp[None, :], Lk), 1)  # first (lowest) arg-max sink
+        am = tl.where(max_snk > m, arg_snk, am)
+        m = tl.maximum(m, max_snk)
+        p_snk = tl.exp(s_snk - m[:, None])  # 0 for invisible sinks
+        acc_w = tl.dot(p_snk, vs, input_precision=PREC)
+        l_w = tl.sum(p_snk, 1)
     for kb in range(nb, n + 1):
         j = kb * C + r
         key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
@@ -187,23 +239,36 @@ def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, Y, DEN, M, AM,
             ls = tl.where(lin, tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
             acc_l += tl.dot(ls, v, input_precision=PREC)
             l_l += tl.sum(ls, 1)
-    num = sigma * acc_w + ell * acc_l
-    den = sigma * l_w + ell * l_l
-    y = num / tl.where(den > 0, den, 1.0)[:, None]
-    m = tl.where(m > _NEG, m, 0.0)
+    if MIXING == 0:  # 'lolcats': softmax terms shifted by m, linear terms as they are
+        num = sigma * acc_w + ell * acc_l
+        den = sigma * l_w + ell * l_l
+        y = num / tl.where(den > 0, den, 1.0)[:, None]
+        shift = tl.where(m > _NEG, m, 0.0)
+    else:  # 'lola_code': every term times e^{-c}, c = max(m, 0) (= 0 for rows without a softmax key)
+        shift = tl.maximum(m, 0.0)
+        w_soft = sigma * tl.exp(m - shift)  # e^{m - c} brings the accumulators from shift m to shift c
+        w_lin = ell * tl.exp(-shift)
+        num = w_soft[:, None] * acc_w + w_lin[:, None] * acc_l
+        den = w_soft * l_w + w_lin * l_l + _EPS * tl.exp(-shift)
+        y = num / den[:, None]
     tl.store(Y + bh * Lq * d + i[:, None] * d + cd[None, :], y, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(DEN + bh * Lq + i, den, mask=row_ok)
-    tl.store(M + bh * Lq + i, m, mask=row_ok)
+    tl.store(M + bh * Lq + i, shift, mask=row_ok)
     tl.store(AM + bh * Lq + i, am, mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, DO, RDEN, DELTA, M, AM,
-                        DQ, DFQ, DM, DSIG, DELL,
-                        Lq, Lk, H, G, NB, n0, P, W, SHIFT, scale, d, D,
-                        LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, C: tl.constexpr,
-                        DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
-    """Per query block: dq, dfq, DM = sum_win A dA (gradient of -m), per-row dsigma and dell."""
+def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, DO, RDEN, DELTA, M, AM,
+                        DQ, DFQ, DM, DSIG, DELL, DKS, DVS,
+                        Lq, Lk, H, G, NB, n0, P, W, SHIFT, NS, scale, d, D,
+                        LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, MIXING: tl.constexpr, SB: tl.constexpr,
+                        C: tl.constexpr, DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
+    """Per query block: DQ [B,H,Lq,d], DFQ [B,H,Lq,D] and per row ([B*H, Lq]) DM = sum_J A dA (the gradient of
+    -m; 0 in 'lola_code', where y does not depend on the shift), DSIG and DELL (per-row sigma/ell gradients).
+    With sinks, DKS and DVS [B*H, NB-n0, NS, d] receive this block's part of the sink keys' dk and dv.
+
+    RDEN = 1 / DEN and DELTA = dL/dDEN = -(dy . y) / DEN per row; M and AM as saved by the forward.
+    """
     n = tl.program_id(0) + n0
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
     b = bh // H
@@ -237,7 +302,7 @@ def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, DO, RDEN, DELTA, M,
                  other=0.0)
     zt = tl.load(Z + (bh * NB + nb) * D + cf, mask=f_ok, other=0.0)
     gs = tl.dot(g, tl.trans(st), input_precision=PREC)  # [C, DF]
-    dfq = ell * (gs + delta[:, None] * zt[None, :])
+    dfq = gs + delta[:, None] * zt[None, :]  # the linear sums; times ell (and e^{-c}) at the end
     dell = tl.sum(fq * gs, 1) + delta * tl.sum(fq * zt[None, :], 1)
     dsig = tl.zeros([C], dtype=tl.float32)
     dm = tl.zeros([C], dtype=tl.float32)
@@ -261,16 +326,46 @@ def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, DO, RDEN, DELTA, M,
             t = sigma * t
             dm += tl.sum(t, 1)
             dq += tl.dot(t, k, input_precision=PREC)
-            onehot = tl.where(j[None, :] == am[:, None], 1.0, 0.0)
-            kmax += tl.dot(onehot, k, input_precision=PREC)
+            if MIXING == 0:
+                onehot = tl.where(j[None, :] == am[:, None], 1.0, 0.0)
+                kmax += tl.dot(onehot, k, input_precision=PREC)
         if has_lin:
             fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=key_ok[:, None] & f_ok[None, :],
                          other=0.0).to(tl.float32)
             ls = tl.dot(fq, tl.trans(fk), input_precision=PREC)
             dal = tl.where(lin, da, 0.0)
             dell += tl.sum(dal * ls, 1)
-            dfq += ell * tl.dot(dal, fk, input_precision=PREC)
-    dq = (dq - dm[:, None] * kmax) * scale
+            dfq += tl.dot(dal, fk, input_precision=PREC)
+    if SB > 0:  # the sink tile: after the window loop, so that dm (the max gradient) is complete
+        sp, vis, ks, vs = _sink_tile(K, V, SINK, kv_off, b, p, Lk, NS, d, cd, d_ok, SB)
+        s_snk = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale
+        p_snk = tl.exp(tl.where(vis, s_snk - m[:, None], float("-inf")))
+        t_snk = p_snk * (tl.dot(g, tl.trans(vs), input_precision=PREC) + delta[:, None])
+        dsig += tl.sum(t_snk, 1)
+        t_snk = sigma * t_snk
+        dm += tl.sum(t_snk, 1)
+        dq += tl.dot(t_snk, ks, input_precision=PREC)
+        if MIXING == 0:
+            hot_snk = tl.where(sp[None, :] == am[:, None], 1.0, 0.0)
+            kmax += tl.dot(hot_snk, ks, input_precision=PREC)
+            t_snk = t_snk - hot_snk * dm[:, None]
+        # this query block's share of the sink keys' gradients (rows outside the queries have g = delta = 0)
+        dks = tl.dot(tl.trans(t_snk), q, input_precision=PREC) * scale
+        dvs = tl.dot(tl.trans(sigma * p_snk), g, input_precision=PREC)
+        cs = tl.arange(0, SB)
+        part = (bh * (NB - n0) + n - n0) * NS + cs
+        s_mask = (cs < NS)[:, None] & d_ok[None, :]
+        tl.store(DKS + part[:, None] * d + cd[None, :], dks, mask=s_mask)
+        tl.store(DVS + part[:, None] * d + cd[None, :], dvs, mask=s_mask)
+    if MIXING == 0:
+        dq = (dq - dm[:, None] * kmax) * scale
+        dfq = ell * dfq
+    else:  # y is independent of c: no max gradient; the linear terms carry the factor e^{-c}
+        lin_scale = tl.exp(-m)
+        dq = dq * scale
+        dm = tl.zeros([C], dtype=tl.float32)
+        dfq = (ell * lin_scale)[:, None] * dfq
+        dell = dell * lin_scale
     tl.store(DQ + bh * Lq * d + i[:, None] * d + cd[None, :], dq, mask=rd_mask)
     tl.store(DFQ + bh * Lq * D + i[:, None] * D + cf[None, :], dfq, mask=row_ok[:, None] & f_ok[None, :])
     tl.store(DM + bh * Lq + i, dm, mask=row_ok)
@@ -282,7 +377,10 @@ def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, S, Z, DO, RDEN, DELTA, M,
 def _state_bwd_kernel(FQ, DO, RDEN, DELTA, ELL, DS, DZ, Lq, Lk, H, NB, P, D, d,
                       C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """DS[bh, b] = sum over query blocks n >= b+1+P of ell fq_n^T g_n (the gradient reaching key block b through
-    every state that contains it); DZ[bh, b] = the same with delta in place of g. A reverse scan."""
+    every state that contains it); DZ[bh, b] = the same with delta in place of g. A reverse scan.
+
+    DS [B*H, NB, D, d], DZ [B*H, NB, D]; g = DO * RDEN per row. In 'lola_code' the host passes RDEN and DELTA
+    already multiplied by the rows' e^{-c} (the linear terms' factor), so this kernel is the same for both mixings."""
     pid_d = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
@@ -318,9 +416,11 @@ def _state_bwd_kernel(FQ, DO, RDEN, DELTA, ELL, DS, DZ, Lq, Lk, H, NB, P, D, d,
 def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA, M, AM, DM,
                           DK, DV, DFK,
                           Lq, Lk, H, G, NB, n0, P, W, SHIFT, scale, d, D,
-                          LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, C: tl.constexpr,
+                          LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, MIXING: tl.constexpr, C: tl.constexpr,
                           DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
-    """Per key block and query head: dk, dv, dfk from query blocks kb..kb+P plus the state gradients."""
+    """Per key block and query head: DK, DV [B,H,Lk,d] and DFK [B,H,Lk,D] (per query head; the host sums the
+    heads of a KV group) from query blocks kb..kb+P plus the state gradients DS, DZ. Keys that KM excludes
+    (padding and sinks) get 0 here; the host adds the sinks' gradients from the dq kernel."""
     kb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*NB*D*d can pass 2^31
     b = bh // H
@@ -361,8 +461,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA
         rden = tl.load(RDEN + bh * Lq + i, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * Lq + i, mask=row_ok, other=0.0)
         m = tl.load(M + bh * Lq + i, mask=row_ok, other=0.0)
-        am = tl.load(AM + bh * Lq + i, mask=row_ok, other=-1)
-        dm = tl.load(DM + bh * Lq + i, mask=row_ok, other=0.0)
+        if MIXING == 1:  # 'lola_code': the linear terms of row i carry e^{-c_i}; fq enters only those
+            fq = fq * tl.exp(-m)[:, None]
         g = do * rden[:, None]
         win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
         has_win, has_lin = _block_has(n * C, kb * C, W, SHIFT, LAYOUT, C)
@@ -371,7 +471,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             aw = sigma * tl.exp(tl.where(win, s - m[:, None], float("-inf")))
             dv += tl.dot(tl.trans(aw), g, input_precision=PREC)
-            ds = aw * da - tl.where(j[None, :] == am[:, None], dm[:, None], 0.0)
+            ds = aw * da
+            if MIXING == 0:  # the max m_i is the logit of key am_i: its gradient -dm_i goes to that key
+                am = tl.load(AM + bh * Lq + i, mask=row_ok, other=-1)
+                dm = tl.load(DM + bh * Lq + i, mask=row_ok, other=0.0)
+                ds -= tl.where(j[None, :] == am[:, None], dm[:, None], 0.0)
             dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
         if has_lin:
             al = tl.where(lin, ell * tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
@@ -418,7 +522,8 @@ def num_warps(block: int) -> int:
 class _Plan:
     """Sizes shared by the kernels of one call."""
 
-    def __init__(self, q, k, fq, window: int, layout: str, block: int, precision: str):
+    def __init__(self, q, k, fq, window: int, layout: str, block: int, precision: str, mixing: str = "lolcats",
+                 sinks: int = 0):
         self.B, self.H, self.Lq, self.d = q.shape
         self.Hkv, self.Lk = k.shape[1], k.shape[2]
         self.G = self.H // self.Hkv
@@ -431,15 +536,19 @@ class _Plan:
         self.P = -(-lookback // block)
         self.NB = -(-self.Lk // block)
         self.n0 = (self.Lk - self.Lq) // block  # first key block that holds a query
+        self.NQ = self.NB - self.n0             # query blocks (programs of the forward and dq kernels)
         self.DH, self.DF = _pow2(self.d), _pow2(self.D)
         self.BD, self.BV = min(self.DF, 64), min(self.DH, 64)
         self.scale = 1.0 / math.sqrt(self.d)
         self.prec = precision
         self.num_warps = num_warps(block)
+        self.mixing = MIXINGS.index(mixing)     # 0 'lolcats', 1 'lola_code'
+        self.NS = sinks                         # sink tokens per row
+        self.SB = SINK_BLOCK if sinks else 0    # width of the sink tile (0: no sink code is compiled)
 
     def common(self):
         return dict(W=self.W, SHIFT=self.shift, scale=self.scale, d=self.d, D=self.D, LAYOUT=self.layout,
-                    C=self.C, DH=self.DH, DF=self.DF, PREC=self.prec, num_warps=self.num_warps)
+                    MIXING=self.mixing, C=self.C, DH=self.DH, DF=self.DF, PREC=self.prec, num_warps=self.num_warps)
 
 
 def _states(fk, v, km, plan: _Plan, has_mask: bool):
@@ -453,10 +562,28 @@ def _states(fk, v, km, plan: _Plan, has_mask: bool):
     return s, z
 
 
-def _forward(q, k, v, fq, fk, sigma, ell, km, plan: _Plan):
-    """Forward launches. Returns y (fp32), den, m, am ([B*H, Lq] each)."""
+def sink_positions(key_mask: torch.Tensor | None, batch: int, k_len: int, sink_tokens: int, device):
+    """(km, sp) for the kernels: km [B, Lk] int8 = real and not a sink (None when every key is real and there
+    are no sinks); sp [B, S] int32 = positions of the first S real keys of each row in order, Lk where a row has
+    fewer than S real keys (None without sinks)."""
+    sinks = sink_keys(key_mask, batch, k_len, sink_tokens, device)
+    if sinks is None:
+        km = None if key_mask is None else key_mask.to(device=device, dtype=torch.int8).contiguous()
+        return km, None
+    real = torch.ones(batch, k_len, dtype=torch.bool, device=device) if key_mask is None else \
+        key_mask.to(device=device, dtype=torch.bool)
+    pos = torch.where(sinks, torch.arange(k_len, device=device), k_len)
+    pos = torch.nn.functional.pad(pos, (0, max(0, sink_tokens - k_len)), value=k_len)
+    sp = pos.sort(dim=-1).values[:, :sink_tokens]
+    return (real & ~sinks).to(torch.int8).contiguous(), sp.to(torch.int32).contiguous()
+
+
+def _forward(q, k, v, fq, fk, sigma, ell, km, sp, plan: _Plan):
+    """Forward launches. km: the kernels' key mask (real, not a sink) or None; sp: sink positions [B, S] or None.
+    Returns y [B,H,Lq,d] fp32 and, per row ([B*H, Lq] each), den, the softmax shift (m or c) and am."""
     has_mask = km is not None
     km_arg = km if has_mask else q  # placeholder pointer, never read
+    sp_arg = sp if sp is not None else q  # read only when plan.SB > 0
     s, z = _states(fk, v, km_arg, plan, has_mask)
     bh = plan.B * plan.H
     # y in fp32 even for bf16/fp16 inputs: the backward's delta = -(dy . y) / den needs the unrounded y
@@ -465,22 +592,30 @@ def _forward(q, k, v, fq, fk, sigma, ell, km, plan: _Plan):
     den = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.float32)
     m = torch.empty_like(den)
     am = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.int32)
-    _attn_fwd_kernel[(plan.NB - plan.n0, bh)](q, k, v, fq, fk, sigma, ell, km_arg, s, z, y, den, m, am,
-                                              plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
-                                              HAS_MASK=has_mask, **plan.common())
+    _attn_fwd_kernel[(plan.NQ, bh)](q, k, v, fq, fk, sigma, ell, km_arg, sp_arg, s, z, y, den, m, am,
+                                    plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P, NS=plan.NS,
+                                    HAS_MASK=has_mask, SB=plan.SB, **plan.common())
     return y, den, m, am  # the states are dropped: backward recomputes them (one cheap scan)
 
 
-def _backward(dy, q, k, v, fq, fk, sigma, ell, km, y, den, m, am, plan: _Plan):
+def _backward(dy, q, k, v, fq, fk, sigma, ell, km, sp, y, den, m, am, plan: _Plan):
     """Backward launches. Returns fp32 (dq, dk, dv, dfq, dfk, dsigma, dell); dk, dv on the KV heads."""
     has_mask = km is not None
     km_arg = km if has_mask else q
+    sp_arg = sp if sp is not None else q
     bh = plan.B * plan.H
-    pos = den > 0
-    den_safe = torch.where(pos, den, torch.ones_like(den))
-    rden = 1.0 / den_safe
     dot = (dy.float() * y).sum(-1).reshape(bh, plan.Lq)
-    delta = torch.where(pos, -dot / den_safe, torch.zeros_like(den))  # dL/d(den) per row
+    if plan.mixing == 0:  # 'lolcats': y = num / den where den > 0, else 0
+        pos = den > 0
+        den_safe = torch.where(pos, den, torch.ones_like(den))
+        rden = 1.0 / den_safe
+        delta = torch.where(pos, -dot / den_safe, torch.zeros_like(den))  # dL/d(den) per row
+        rden_lin, delta_lin = rden, delta
+    else:  # 'lola_code': den includes eps e^{-c} > 0; the linear terms (and so the state gradients) carry e^{-c}
+        rden = 1.0 / den
+        delta = -dot * rden
+        lin_scale = torch.exp(-m)
+        rden_lin, delta_lin = rden * lin_scale, delta * lin_scale
 
     s, z = _states(fk, v, km_arg, plan, has_mask)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -489,13 +624,16 @@ def _backward(dy, q, k, v, fq, fk, sigma, ell, km, y, den, m, am, plan: _Plan):
     dm = torch.empty(bh, plan.Lq, **f32)
     dsig = torch.empty(bh, plan.Lq, **f32)
     dell = torch.empty(bh, plan.Lq, **f32)
-    _attn_bwd_dq_kernel[(plan.NB - plan.n0, bh)](q, k, v, fq, fk, sigma, ell, km_arg, s, z, dy, rden, delta, m, am,
-                                                 dq, dfq, dm, dsig, dell,
-                                                 plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
-                                                 HAS_MASK=has_mask, **plan.common())
+    # per query block partial gradients of the sink keys (NS/C of q's size); summed below
+    dks = torch.empty(bh, plan.NQ, plan.NS, plan.d, **f32) if plan.NS else dq
+    dvs = torch.empty(bh, plan.NQ, plan.NS, plan.d, **f32) if plan.NS else dq
+    _attn_bwd_dq_kernel[(plan.NQ, bh)](q, k, v, fq, fk, sigma, ell, km_arg, sp_arg, s, z, dy, rden, delta, m, am,
+                                       dq, dfq, dm, dsig, dell, dks, dvs,
+                                       plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P, NS=plan.NS,
+                                       HAS_MASK=has_mask, SB=plan.SB, **plan.common())
     ds, dz = s, z  # reuse the state buffers for their gradients
     grid = (triton.cdiv(plan.D, plan.BD), triton.cdiv(plan.d, plan.BV), bh)
-    _state_bwd_kernel[grid](fq, dy, rden, delta, ell, ds, dz, plan.Lq, plan.Lk, plan.H, plan.NB, plan.P,
+    _state_bwd_kernel[grid](fq, dy, rden_lin, delta_lin, ell, ds, dz, plan.Lq, plan.Lk, plan.H, plan.NB, plan.P,
                             plan.D, plan.d, C=plan.C, BD=plan.BD, BV=plan.BV, PREC=plan.prec)
     dk = torch.empty(plan.B, plan.H, plan.Lk, plan.d, **f32)
     dv = torch.empty_like(dk)
@@ -504,6 +642,11 @@ def _backward(dy, q, k, v, fq, fk, sigma, ell, km, y, den, m, am, plan: _Plan):
                                          dm, dk, dv, dfk,
                                          plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
                                          HAS_MASK=has_mask, **plan.common())
+    if plan.NS:  # the sink keys got 0 from the dkdv kernel (masked out there): add their gradients
+        real = (sp < plan.Lk)[:, None, :, None]                              # [B,1,S,1]
+        index = sp.long().clamp(max=plan.Lk - 1)[:, None, :, None].expand(plan.B, plan.H, plan.NS, plan.d)
+        for grad, part in ((dk, dks), (dv, dvs)):
+            grad.scatter_add_(2, index, part.sum(1).view(plan.B, plan.H, plan.NS, plan.d) * real)
     if plan.G > 1:  # sum the query heads of each KV group
         dk = dk.view(plan.B, plan.Hkv, plan.G, plan.Lk, plan.d).sum(2)
         dv = dv.view(plan.B, plan.Hkv, plan.G, plan.Lk, plan.d).sum(2)
@@ -512,14 +655,15 @@ def _backward(dy, q, k, v, fq, fk, sigma, ell, km, y, den, m, am, plan: _Plan):
     return dq, dk, dv, dfq, dfk, dsigma, dell_h
 
 
-def _run_with_block_fallback(launch, q, k, fq, window, layout, block, precision, explicit_block):
+def _run_with_block_fallback(launch, q, k, fq, window, layout, block, precision, explicit_block, mixing="lolcats",
+                             sinks=0):
     """launch(plan) with the requested block; when the GPU lacks the shared memory for it (smaller cards than
     A100/H100) retry with half the block, down to 16, unless the caller fixed the block."""
     from triton.runtime.errors import OutOfResources
 
     while True:
         try:
-            return launch(_Plan(q, k, fq, window, layout, block, precision)), block
+            return launch(_Plan(q, k, fq, window, layout, block, precision, mixing, sinks)), block
         except OutOfResources:
             if explicit_block or block <= 16:
                 raise
@@ -527,49 +671,57 @@ def _run_with_block_fallback(launch, q, k, fq, window, layout, block, precision,
 
 
 class HybridAttentionTriton(torch.autograd.Function):
-    """Autograd wrapper: forward and backward are Triton kernels; gradients for q, k, v, fq, fk, sigma, ell."""
+    """Autograd wrapper: forward and backward are Triton kernels; gradients for q, k, v, fq, fk, sigma, ell.
+
+    km [B,Lk] int8 or None and sp [B,S] int32 or None come from :func:`sink_positions`. Saved for backward: the
+    inputs, km, sp, y [B,H,Lq,d] fp32 and den, shift, am [B*H, Lq] (den and shift fp32, am int32).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, sigma, ell, km, window, layout, block, precision, explicit_block=False):
+    def forward(ctx, q, k, v, fq, fk, sigma, ell, km, sp, window, layout, block, precision, explicit_block=False,
+                mixing="lolcats"):
+        sinks = 0 if sp is None else sp.shape[1]
         (y, den, m, am), block = _run_with_block_fallback(
-            lambda plan: _forward(q, k, v, fq, fk, sigma, ell, km, plan), q, k, fq, window, layout, block,
-            precision, explicit_block)
-        ctx.save_for_backward(q, k, v, fq, fk, sigma, ell, km, y, den, m, am)
-        ctx.args = (window, layout, block, precision, explicit_block)
+            lambda plan: _forward(q, k, v, fq, fk, sigma, ell, km, sp, plan), q, k, fq, window, layout, block,
+            precision, explicit_block, mixing, sinks)
+        ctx.save_for_backward(q, k, v, fq, fk, sigma, ell, km, sp, y, den, m, am)
+        ctx.args = (window, layout, block, precision, explicit_block, mixing, sinks)
         return y.to(q.dtype)
 
     @staticmethod
     @once_differentiable  # the kernels' gradients are not themselves differentiable
     def backward(ctx, dy):
-        q, k, v, fq, fk, sigma, ell, km, y, den, m, am = ctx.saved_tensors
-        window, layout, block, precision, explicit_block = ctx.args
+        q, k, v, fq, fk, sigma, ell, km, sp, y, den, m, am = ctx.saved_tensors
+        window, layout, block, precision, explicit_block, mixing, sinks = ctx.args
         dy = dy.contiguous()
         grads, _ = _run_with_block_fallback(
-            lambda plan: _backward(dy, q, k, v, fq, fk, sigma, ell, km, y, den, m, am, plan), q, k, fq, window,
-            layout, block, precision, explicit_block)
+            lambda plan: _backward(dy, q, k, v, fq, fk, sigma, ell, km, sp, y, den, m, am, plan), q, k, fq, window,
+            layout, block, precision, explicit_block, mixing, sinks)
         dq, dk, dv, dfq, dfk, dsigma, dell = grads
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dfq.to(fq.dtype), dfk.to(fk.dtype),
-                dsigma, dell, None, None, None, None, None, None)
+                dsigma, dell) + (None,) * 8
 
 
 MAX_HEAD_DIM = 128       # d: Llama-family heads are 64 or 128
 MAX_FEATURE_WIDTH = 128  # D: Hedgehog fullspace with feature_dim 64 (every published config)
+MAX_SINK_TOKENS = SINK_BLOCK  # the sinks are scored as one tile
 
 
 AUTO_MIN_QUERIES = 65    # 'auto' leaves shorter query blocks (decode) to the PyTorch reference path
 
 
-def supports(q: torch.Tensor, fq: torch.Tensor) -> bool:
-    """Whether backend 'auto' should use the kernels: head and feature widths they take, and more than 64 queries.
+def supports(q: torch.Tensor, fq: torch.Tensor, *, mixing: str = "lolcats", sink_tokens: int = 0) -> bool:
+    """Whether backend 'auto' should use the kernels: head and feature widths they take, both mixings, at most
+    MAX_SINK_TOKENS sinks, and more than 64 queries.
 
     Decode-sized query blocks go to the reference form, as on CPU: it costs Lq x Lk, while the kernels' state
     scan costs Lk x D x d whatever Lq is. ``backend='triton'`` still runs the kernels for any Lq.
     """
     return (q.shape[-1] <= MAX_HEAD_DIM and fq.shape[-1] <= MAX_FEATURE_WIDTH
-            and q.shape[2] >= AUTO_MIN_QUERIES)
+            and q.shape[2] >= AUTO_MIN_QUERIES and mixing in MIXINGS and 0 <= sink_tokens <= MAX_SINK_TOKENS)
 
 
-def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision):
+def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision, mixing, sink_tokens):
     if not (q.is_cuda or (interpreting() and q.device.type == "cpu")):
         raise RuntimeError(
             f"attention.backend='triton' needs CUDA tensors, got {q.device.type} tensors; use backend 'chunked' "
@@ -611,27 +763,36 @@ def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precisi
         raise ValueError(f"block={block!r} must be one of 16, 32, 64, 128")
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision={precision!r} must be 'ieee' (exact fp32) or 'tf32'")
+    if mixing not in MIXINGS:
+        raise ValueError(f"attention.mixing={mixing!r} is not valid; choose one of {', '.join(map(repr, MIXINGS))}")
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens={sink_tokens!r} must be an integer >= 0")
+    if sink_tokens > MAX_SINK_TOKENS:
+        raise ValueError(f"sink_tokens={sink_tokens} is more than the triton kernels take (max {MAX_SINK_TOKENS}: "
+                         f"the sinks are scored as one tile); use backend 'chunked' (or 'auto')")
 
 
 def hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                             key_mask: torch.Tensor | None = None, chunk_size: int | None = None,
-                            block: int | None = None, precision: str = "ieee") -> torch.Tensor:
+                            block: int | None = None, precision: str = "ieee", mixing: str = "lolcats",
+                            sink_tokens: int = 0) -> torch.Tensor:
     """Hybrid attention with Triton kernels; same arguments and result as ``hybrid_attention_reference``.
 
     q [B,H,Lq,d], k, v [B,H_kv,Lk,d] (H_kv divides H; expanded heads H_kv = H work too), fq [B,H,Lq,D],
     fk [B,H,Lk,D], sigma, ell [H], key_mask [B,Lk] bool or None. Returns y [B,H,Lq,d] in q's dtype,
-    differentiable in q, k, v, fq, fk, sigma and ell.
+    differentiable in q, k, v, fq, fk, sigma and ell. ``mixing`` 'lolcats' or 'lola_code' and ``sink_tokens``
+    (0 to MAX_SINK_TOKENS; the first S real keys of each row) as in the reference.
 
     ``chunk_size`` (the PyTorch path's chunk) is accepted for the BACKENDS signature and ignored: the kernels
     use ``block`` (default :func:`default_block`). ``precision='tf32'`` trades exact fp32 dots for speed.
     """
     explicit_block = block is not None
     block = default_block(q.shape[-1], fq.shape[-1]) if block is None else block
-    _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision)
+    _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precision, mixing, sink_tokens)
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to launch; the reference handles empty shapes
         return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout,
-                                          key_mask=key_mask)
-    km = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.int8).contiguous()
+                                          key_mask=key_mask, mixing=mixing, sink_tokens=sink_tokens)
+    km, sp = sink_positions(key_mask, q.shape[0], k.shape[2], sink_tokens, q.device)
     return HybridAttentionTriton.apply(q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(),
-                                       fk.contiguous(), sigma.float().contiguous(), ell.float().contiguous(), km,
-                                       window, layout, block, precision, explicit_block)
+                                       fk.contiguous(), sigma.float().contiguous(), ell.float().contiguous(), km, sp,
+                                       window, layout, block, precision, explicit_block, mixing)

@@ -95,6 +95,95 @@ def test_matches_reference(b, h, hkv, lq, lk, d, feat, window, layout, block, ma
         assert_close(g, w, 1e-4, name)
 
 
+MIXED = [("lolcats", 3), ("lola_code", 0), ("lola_code", 3)]  # ('lolcats', 0) is CASES above
+
+
+def padded_mask(b, lk, real_last):
+    """Key mask [B, Lk]: row 0 left-padded by a third, row 1 with scattered holes, row 2 with only ``real_last``
+    real tokens at the end (fewer than the sinks when real_last < S)."""
+    key_mask = torch.rand(b, lk, generator=torch.Generator().manual_seed(3)) > 0.25
+    key_mask[0, : lk // 3] = False
+    key_mask[0, lk // 3:] = True
+    if b > 2:
+        key_mask[2] = False
+        key_mask[2, lk - real_last:] = True
+    return key_mask.to(DEVICE)
+
+
+MIXED_CASES = [
+    # (b, h, hkv, lq, lk, d, D, window, layout, block, key_mask)
+    pytest.param(1, 2, 2, 1, 1, 64, 32, 8, "sw", 16, False, id="L1-sw-d64"),
+    pytest.param(1, 2, 2, 37, 37, 128, 32, 8, "tk", 16, False, id="L37-tk-d128"),
+    pytest.param(3, 2, 1, 100, 100, 64, 16, 7, "sw", 16, True, id="L100-sw-gqa-leftpad"),
+    pytest.param(3, 2, 1, 20, 70, 64, 16, 6, "tk", 16, True, id="offset-tk-gqa-leftpad"),
+]
+
+
+@pytest.mark.parametrize("mixing,sinks", MIXED)
+@pytest.mark.parametrize("b,h,hkv,lq,lk,d,feat,window,layout,block,masked", MIXED_CASES)
+def test_mixing_and_sinks_match_reference(b, h, hkv, lq, lk, d, feat, window, layout, block, masked, mixing, sinks):
+    """Both mixings with and without attention sinks: outputs and all seven gradients equal the reference.
+    The masked cases have a left-padded row (the sinks are its first real tokens, not positions 0..S-1) and a
+    row with 2 real tokens (fewer than S = 3)."""
+    inputs = make_inputs(b, h, hkv, lq, lk, d, feat, scale=1.5, seed=lq + lk + d + sinks)
+    key_mask = padded_mask(b, lk, real_last=2) if masked else None
+    dy = torch.randn(b, h, lq, d, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    kw = dict(window=window, layout=layout, key_mask=key_mask, mixing=mixing, sink_tokens=sinks)
+    got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=block, **kw)
+    want = run(reference, inputs, dy, **kw)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert_close(g, w, 1e-4, f"{mixing}/S={sinks} {name}")
+
+
+def test_sink_holding_the_max_gets_its_gradient():
+    """'lolcats': when a sink has the largest logit of every row, the max m (and its gradient) belongs to the sink
+    key, which lives outside the window blocks (its dk arrives through the dq kernel's per-block partials)."""
+    q, k, v, fq, fk, sigma, ell = (t.detach() for t in make_inputs(1, 2, 2, 50, 50, 64, 16, seed=13))
+    u = torch.randn(64, generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    q, k = q + u, k.clone()
+    k[:, :, 1] = 2.0 * u  # the second token (the first real one, see the mask) aligns with every query
+    key_mask = torch.ones(1, 50, dtype=torch.bool, device=DEVICE)
+    key_mask[0, 0] = False
+    inputs = [t.requires_grad_() for t in (q, k, v, fq, fk, sigma, ell)]
+    s = (q @ k.transpose(-1, -2))[0, :, 2:] / 8.0
+    assert (s.argmax(-1) == 1).all()  # the premise: the sink is every (later) row's arg-max
+    dy = torch.randn(1, 2, 50, 64, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    kw = dict(window=6, layout="sw", key_mask=key_mask, sink_tokens=2)
+    got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=16, **kw)
+    want = run(reference, inputs, dy, **kw)
+    for name, g, w in zip(NAMES, got, want):
+        assert_close(g, w, 1e-4, name)
+
+
+@pytest.mark.parametrize("sinks,sign", [(0, 1.0), (2, 1.0), (2, -1.0)])
+def test_lola_code_extreme_logits(sinks, sign):
+    """'lola_code' with logits far beyond +-88.7. Large (sign +1): e^{s} would overflow fp32; the kernel's e^{-c}
+    scaling stays finite and equals the reference, gradients included. Very negative (sign -1, every logit
+    below -88): c = max(m, 0) = 0, where shifting by m itself would overflow e^{-m} in the linear terms.
+    Either way the softmax-vs-linear balance is far from the 'lolcats' one, so the results differ clearly."""
+    inputs = make_inputs(1, 2, 2, 60, 60, 64, 32, scale=4.0, seed=21)
+    with torch.no_grad():
+        inputs[0].mul_(4.0)
+        if sign < 0:  # q . k / 8 = -sum |q| |k| / 8: at most -150 here
+            inputs[0].abs_().mul_(0.8)
+            inputs[1].abs_().neg_()
+        logits = inputs[0] @ inputs[1].transpose(-1, -2) / 8.0
+        assert (logits.max() < -88.7) if sign < 0 else (logits.max() > 88.7)  # the premise
+    dy = torch.randn(1, 2, 60, 64, generator=torch.Generator().manual_seed(22)).to(DEVICE)
+    kw = dict(window=8, layout="tk", mixing="lola_code", sink_tokens=sinks)
+    got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=16, **kw)
+    want = run(reference, inputs, dy, **kw)
+    assert want[0].abs().max() < 1e3 and torch.isfinite(got[0]).all()
+    for name, g, w in zip(NAMES, got, want):
+        assert torch.isfinite(g).all(), name
+        # dsigma with large logits: y hardly depends on sigma (exactly ~4e-7 here), and the sum over 120 rows of
+        # cancelling terms of size |dy . y| is fp32 noise on both sides (the fp32 reference is 6.5e-5 off float64)
+        assert_close(g, w, 1e-3 if name == "dsigma" and sign > 0 else 1e-4, name)
+    lolcats = lola_kernels.hybrid_attention_triton(*inputs, block=16, **dict(kw, mixing="lolcats"))
+    assert (lolcats - got[0]).abs().max() > 1e-2
+
+
 def test_max_shift_is_the_model():
     """Large logits make e^{-m} tiny: the linear block dominates. A kernel that shifted the linear terms too
     (or normalised the softmax block on its own) would give a different y; the kernel must match the reference."""
@@ -118,10 +207,11 @@ def test_max_shift_is_the_model():
     assert (wrong - got[0]).abs().max() > 1e-2
 
 
-def test_bf16_inputs():
+@pytest.mark.parametrize("mixing,sinks", [("lolcats", 0), ("lola_code", 3)])
+def test_bf16_inputs(mixing, sinks):
     inputs = make_inputs(1, 2, 2, 37, 37, 64, 32, dtype=torch.bfloat16, seed=4)
     dy = torch.randn(1, 2, 37, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.bfloat16)
-    kw = dict(window=8, layout="tk")
+    kw = dict(window=8, layout="tk", mixing=mixing, sink_tokens=sinks)
     got = run(lola_kernels.hybrid_attention_triton, inputs, dy, block=16, **kw)
     want = run(reference, inputs, dy, **kw)
     for name, g, w in zip(NAMES, got, want):
@@ -136,6 +226,9 @@ def test_registered_and_dispatched():
     kw = dict(window=4, layout="sw")
     y = hybrid_attention(*inputs, backend="triton", **kw)
     assert_close(y, hybrid_attention_reference(*inputs, **kw), 1e-4, "y")
+    kw.update(mixing="lola_code", sink_tokens=2)  # the new options reach the kernels through the registry
+    y = hybrid_attention(*inputs, backend="triton", **kw)
+    assert_close(y, hybrid_attention_reference(*inputs, **kw), 1e-4, "y")
 
 
 def test_auto_policy():
@@ -145,6 +238,9 @@ def test_auto_policy():
     assert not lola_kernels.triton_backend.supports(q[:, :, :64], fq[:, :, :64])
     assert not lola_kernels.triton_backend.supports(torch.zeros(1, 2, 65, 256), fq)
     assert not lola_kernels.triton_backend.supports(q, torch.zeros(1, 2, 65, 256))
+    assert lola_kernels.triton_backend.supports(q, fq, mixing="lola_code", sink_tokens=kh.MAX_SINK_TOKENS)
+    assert not lola_kernels.triton_backend.supports(q, fq, sink_tokens=kh.MAX_SINK_TOKENS + 1)
+    assert not lola_kernels.triton_backend.supports(q, fq, mixing="nope")
 
 
 def test_auto_on_cpu_keeps_pytorch_path(monkeypatch):
@@ -176,11 +272,14 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     (dict(k=torch.zeros(1, 3, 9, 64), v=torch.zeros(1, 3, 9, 64)), "multiple of the KV heads"),
     (dict(q=torch.zeros(1, 2, 12, 64)), "queries must be the last"),
     (dict(q=torch.zeros(1, 2, 9, 256), k=torch.zeros(1, 2, 9, 256), v=torch.zeros(1, 2, 9, 256)), "too large"),
+    (dict(mixing="nope"), "attention.mixing='nope'"),
+    (dict(sink_tokens=-1), "sink_tokens=-1"),
+    (dict(sink_tokens=17), "sink_tokens=17 is more than"),
 ])
 def test_bad_input_errors(change, match):
     q, k, v, fq, fk, sigma, ell = (t.detach() for t in make_inputs(1, 2, 2, 9, 9, 64, 16))
     args = dict(q=q, k=k, v=v, fq=fq, fk=fk, sigma=sigma, ell=ell)
-    kw = dict(window=4, layout="sw", key_mask=None, block=16, precision="ieee")
+    kw = dict(window=4, layout="sw", key_mask=None, block=16, precision="ieee", mixing="lolcats", sink_tokens=0)
     for key, value in change.items():
         value = value.to(DEVICE) if torch.is_tensor(value) else value
         (args if key in args else kw)[key] = value
