@@ -2,7 +2,8 @@
 
     python -m lola_eval.report --linearized runs/smollm2/export/model [--teacher embedded:smollm2]
 
-Measured here, in about a minute on 2 CPU cores (one 2048-token window, one passkey prompt):
+Measured here (one 1024-token window, one passkey prompt; 9.5 min wall / 5 min CPU with a 2048-token window on
+the shared 2-core box under load 4, for the untrained convert:embedded:smollm2 stand-in):
 
 - held-out perplexity (Paul Graham essays; the smollm2 recipe trains on ShareGPT + Wikipedia) of the teacher and
   of the linearized model in constant memory (``lola:64:0``), by position of the predicted token;
@@ -94,7 +95,7 @@ def render(r: dict, *, results_dir: str | None) -> str:
               "`lola_eval.baselines`).", ""]
     if results_dir and (Path(results_dir) / "results.md").exists():
         lines.append(f"Full results: {results_dir}/results.md, heatmap {results_dir}/passkey.png.")
-    lines.append("Full evaluation (passkey 1K-8K, both haystacks, RULER, lm-eval, perplexity by bucket, equal-memory "
+    lines.append("Full evaluation (passkey 1K-4K, both haystacks, RULER, lm-eval, perplexity by bucket, equal-memory "
                  f"baselines): python -m lola_eval.suite --linearized {r['linearized']} --teacher-caches "
                  "full,sink@lola:64:256,tova@lola:64:256 --caches lola:64:0,lola:64:256,window:64 --haystacks "
                  "repeat,essay --out results/<name>  (hours on 2 cores; see BENCHMARKS.md)")
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lola_eval.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--linearized", required=True, help="exported checkpoint folder (or convert:<source>)")
     p.add_argument("--teacher", default="embedded:smollm2")
-    p.add_argument("--seq-len", type=int, default=2048, help="held-out tokens for the perplexity")
+    p.add_argument("--seq-len", type=int, default=1024, help="held-out tokens for the perplexity")
     p.add_argument("--passkey-length", type=int, default=1024)
     p.add_argument("--results", default="results/equal_memory", help="where the full suite results are, if run")
     p.add_argument("--out", default=None, help="folder for report.json / report.md (default: next to the model)")
