@@ -14,7 +14,8 @@ A *cache* names how the model remembers the context during evaluation:
                  layer with every key kept (memory grows with the context)
     lola:W:G     the LoLA constant-memory cache: softmax window W, sparse global cache of G pairs, linear state
                  (G=0 is the plain linearized model: window + linear state only), with the trained fusion
-    lola:W:G:lola_code   the same with the LoLA reference code's fusion (lola_cache.mixing, spec 4.4)
+    lola:W:G:lola_code   the same with the LoLA reference code's fusion (lola_cache.mixing, spec 4.4); ':lolcats'
+                 forces the LoLCATs fusion; without a suffix the model's trained fusion (attention.mixing) is used
     window:W     the linearized model with its linear branch switched off: softmax over the window W only (the LoLA
                  cache with G=0 and every query feature map returning 0, see :func:`linear_branch_off`); shows
                  whether the linear memory contributes at all
@@ -67,7 +68,7 @@ class CacheSpec:
     kind: str = "full"
     window: Optional[int] = None
     global_size: int = 0
-    mixing: str = "lolcats"
+    mixing: str = "auto"
     sinks: int = 0
     positions: str = "cache"
     budget: Optional[str] = None
@@ -96,7 +97,7 @@ class CacheSpec:
         m = CACHE_RE.match(text)
         if not m:
             raise ValueError(f"cache spec {text!r} is not valid; {SPEC_HELP}")
-        window, g, mixing = int(m.group(1)), int(m.group(2)), m.group(3) or "lolcats"
+        window, g, mixing = int(m.group(1)), int(m.group(2)), m.group(3) or "auto"
         if window < 1:
             raise ValueError(f"cache spec {text!r}: the window W must be >= 1")
         LolaCacheConfig(window=window, global_size=g, mixing=mixing)  # names the bad field, e.g. the mixing
@@ -114,7 +115,7 @@ class CacheSpec:
             return f"sink:{self.sinks}:{self.window}" + (":orig" if self.positions == "original" else "")
         if self.kind == "tova":
             return f"tova:{self.global_size}"
-        suffix = "" if self.mixing == "lolcats" else f":{self.mixing}"
+        suffix = "" if self.mixing == "auto" else f":{self.mixing}"
         return f"lola:{self.window}:{self.global_size}{suffix}"
 
     @property

@@ -22,3 +22,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+TINY_EVAL_LLAMA = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+"""A random tiny Llama with SmolLM2's vocabulary (for the evaluation tests)."""
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer (from the embedded model, converted once)."""
+    from transformers import AutoTokenizer
+
+    from lola_train.models import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A random tiny Llama with the SmolLM2 tokenizer, saved as a plain HF folder (a 'teacher')."""
+    from lola_train.models import random_model
+
+    model = random_model({"architecture": "llama", "seed": 0, **TINY_EVAL_LLAMA}, torch.float32)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

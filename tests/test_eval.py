@@ -12,29 +12,8 @@ from lola_eval.loading import CacheSpec, is_linearized, load_source, set_cache
 from lola_eval.passkey import NEEDLE, QUESTION, PasskeyBuilder, parse_answer, run_model, summarize
 from lola_eval.streaming import cache_nbytes, estimate_cache_bytes, greedy_generate, new_cache, prefill
 
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from lola_train.models import smollm2_dir
-
-    return AutoTokenizer.from_pretrained(smollm2_dir())
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A random tiny Llama with the SmolLM2 tokenizer, saved as a plain HF folder (a 'teacher')."""
-    from lola_train.models import random_model
-
-    model = random_model({"architecture": "llama", "seed": 0, **TINY}, torch.float32)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 ATTN = {"window_size": 16, "feature_dim": 8, "chunk_size": 16}

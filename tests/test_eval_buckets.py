@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_EVAL_LLAMA
 
 from lola_train.metrics_buckets import (bucket_means, bucket_sums, means_from_sums, merge_bucket_sums,
                                         position_buckets)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096)
 
 
 def test_position_buckets():
@@ -49,24 +48,6 @@ def test_bucket_means_and_sums():
         bucket_sums(v, mask[:, :5])
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from lola_train.models import smollm2_dir
-
-    return AutoTokenizer.from_pretrained(smollm2_dir())
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    from lola_train.models import random_model
-
-    model = random_model({"architecture": "llama", "seed": 0, **TINY}, torch.float32)
-    path = tmp_path_factory.mktemp("tiny_llama_buckets")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @torch.no_grad()
@@ -116,7 +97,7 @@ def test_suite_equal_memory_tables(tiny_dir, tmp_path):
     assert "At equal memory" in table and f"`{tova}` = `tova@lola:16:4`" in table
     assert "| teacher | full | " in table and "| linearized | window:64 |" in table
     assert "x)" in table and "0-256" in table and "256-512" in table
-    assert "sigma(w)" in table and len(data["mixing"]["sigma"]) == TINY["num_hidden_layers"]
+    assert "sigma(w)" in table and len(data["mixing"]["sigma"]) == TINY_EVAL_LLAMA["num_hidden_layers"]
     assert all(abs(x - 0.1) < 1e-6 for row in data["mixing"]["sigma"] for x in row)   # untrained: sigmoid(logit 0.1)
     tova_bytes = next(r["cache_bytes_per_seq"] for r in data["perplexity"] if r["cache"] == tova)
     assert tova_bytes == int(tova.split(":")[1]) * 2 * 2 * 2 * 16 * 4   # N pairs x layers x kv heads x head_dim x fp32
