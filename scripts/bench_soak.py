@@ -134,7 +134,7 @@ def main() -> int:
     print(f"## LoLA decode soak: {args.model} bf16, W {args.window}, G {args.global_size}, {args.tokens} tokens "
           f"after a {args.prompt}-token prompt, {'greedy' if args.greedy else 'essay text'}, {THREADS} thread(s)")
     print("| tokens | ms/token | RSS MiB | cache MiB | NLL/token | finite |\n|---|---|---|---|---|---|", flush=True)
-    t0 = time.perf_counter()
+    t0, code = time.perf_counter(), code_version()  # what is imported now is what gets measured
     result = soak(args.model, args.tokens, args.chunk, args.prompt, args.window, args.global_size, args.greedy)
     rss = [r["rss_mib"] for r in result["rows"]]
     base = rss[0]
@@ -148,7 +148,7 @@ def main() -> int:
                    global_size=args.global_size, prompt=args.prompt, tokens=args.tokens, chunk=args.chunk,
                    source="greedy" if args.greedy else "essays", threads=THREADS,
                    rss_first_chunk_mib=base, rss_last_mib=rss[-1], rss_max_drift_after_first_chunk=drift,
-                   wall_seconds=time.perf_counter() - t0, checks=checks, code=code_version(), **result)
+                   wall_seconds=time.perf_counter() - t0, checks=checks, code=code, **result)
     print(f"\nRSS after the first chunk {base:.1f} MiB; largest change after it {100 * drift:.3f}% "
           f"({min(rss[1:]):.1f}-{max(rss[1:]):.1f} MiB); peak RSS {result['peak_rss_mib']:.1f} MiB; "
           f"non-finite values: {result['nonfinite_count']}; wall {summary['wall_seconds']:.0f} s")
