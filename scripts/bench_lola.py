@@ -1,17 +1,22 @@
-"""Benchmark the LoLA cache on the converted SmolLM2-135M (CPU) against the same model's softmax attention with
-transformers' DynamicCache. Prints markdown tables and writes JSON.
+"""Benchmark the LoLA cache on the converted SmolLM2-135M (CPU) against the unconverted model's softmax attention
+(SDPA) with transformers' DynamicCache. Prints markdown tables and writes JSON.
 
-    python scripts/bench_lola.py --out bench_lola.json [--contexts 1024 4096 16384] [--prefill 512 1024 2048]
+    python scripts/bench_lola.py --out bench_lola.json [--contexts 1024 16384 65536] [--prefill 512 2048 8192 32768]
+        [--batches 1 4] [--max-sdpa-seconds 240]
 
-Every point runs in a fresh subprocess (honest RSS). Three parts:
+Every point runs in a fresh subprocess (honest peak RSS), with the same settings for LoLA and SDPA, so their ratio
+is fair even when the machine is shared. Three parts:
 
-* decode: per-token decode time and peak RSS with a cache holding ``context`` tokens. To keep the run short on a
-  CPU, the state is *synthetic*: a real 64-token prefill, then the softmax KV cache is extended with random keys
-  and values to ``context`` tokens, and the LoLA cache's position counters are advanced to ``context`` (its
-  tensors have fixed sizes, so the decode cost is the one of a real state). Points whose estimated cache exceeds
-  ``--max-gib`` are skipped with the estimate printed.
-* prefill: wall time of a real prompt of each length (LoLA: lola_train.lola.prefill, 512-token model chunks;
-  softmax: one forward with a DynamicCache).
+* decode (batch 1): per-token decode time and peak RSS with a cache holding ``context`` tokens. To keep the run
+  short on a CPU, the state is *synthetic*: a real 64-token prefill, then the softmax KV cache is extended with
+  random keys and values to ``context`` tokens, and the LoLA cache's position counters are advanced to ``context``
+  (its tensors have fixed sizes, so the decode cost is the one of a real state). Points whose estimated KV cache
+  exceeds ``--max-gib`` are skipped with the estimate printed.
+* prefill (batch 1 and 4): wall time of a real prompt of each length. LoLA: ``lola_train.lola.prefill`` in
+  ``--chunk``-token model calls (peak memory independent of the prompt length); softmax: one forward with a
+  DynamicCache (SDPA). An SDPA point longer than ``--sdpa-always-upto`` tokens whose time, extrapolated from the
+  shorter lengths of its batch size (a + b L + c L^2 through the last three), exceeds ``--max-sdpa-seconds`` is
+  skipped with the estimate.
 * bytes per sequence (formula, checked against the allocation by tests/test_lola_model.py) for SmolLM2,
   Llama-3.2-1B and Llama-3.1-8B shapes, bf16 k/v, fp32 H and s.
 """
@@ -48,21 +53,22 @@ def load(kind: str):
     return model.eval()
 
 
-def point_decode(kind: str, context: int) -> dict:
+def point_decode(kind: str, context: int, batch: int) -> dict:
     import torch
     from transformers import DynamicCache
 
     from lola_train.modeling.lola_cache import LolaCache
 
     model = load(kind)
-    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (batch, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         if kind == "lola":
             cache = LolaCache(model.config, **LOLA)
             model(ids, cache=cache)
             shift = context - 64
-            for layer in cache.layers:
+            for layer in cache.layers:  # as if `context` real tokens had been seen (fixed-size tensors)
                 layer.seen += shift
+                layer.real_seen += shift
                 layer.first_live += shift
                 layer.cache_pos += torch.where(layer.cache_pos >= 0, shift, 0).to(layer.cache_pos.dtype)
             cache_bytes = cache.nbytes()
@@ -84,11 +90,11 @@ def point_decode(kind: str, context: int) -> dict:
             times.append(time.perf_counter() - t)
             tok = logits[:, -1:].argmax(-1)
     times = sorted(times[1:])  # first call warms up
-    return dict(part="decode", kind=kind, context=context, ms_per_token=1000 * times[len(times) // 2],
+    return dict(part="decode", kind=kind, context=context, batch=batch, ms_per_token=1000 * times[len(times) // 2],
                 cache_mib=cache_bytes / 2 ** 20, peak_rss_mib=rss_peak_mib())
 
 
-def point_prefill(kind: str, length: int) -> dict:
+def point_prefill(kind: str, length: int, batch: int, chunk: int) -> dict:
     import torch
     from transformers import DynamicCache
 
@@ -96,17 +102,17 @@ def point_prefill(kind: str, length: int) -> dict:
     from lola_train.modeling.lola_cache import LolaCache
 
     model = load(kind)
-    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
     rss_loaded = rss_peak_mib()
     with torch.no_grad():
         t = time.perf_counter()
         if kind == "lola":
-            prefill(model, ids, LolaCache(model.config, **LOLA), chunk_tokens=512)
+            prefill(model, ids, LolaCache(model.config, **LOLA), chunk_tokens=chunk)
         else:
             model(ids, cache=DynamicCache(config=model.config), logits_to_keep=1)
         seconds = time.perf_counter() - t
-    return dict(part="prefill", kind=kind, length=length, seconds=seconds, tokens_per_s=length / seconds,
-                rss_after_load_mib=rss_loaded, peak_rss_mib=rss_peak_mib())
+    return dict(part="prefill", kind=kind, length=length, batch=batch, seconds=seconds,
+                tokens_per_s=batch * length / seconds, rss_after_load_mib=rss_loaded, peak_rss_mib=rss_peak_mib())
 
 
 def run_point(args: list[str]) -> dict:
@@ -117,18 +123,37 @@ def run_point(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def extrapolate(points: list[tuple[int, float]], length: int) -> float | None:
+    """Seconds at ``length`` from a + b L + c L^2 through the last three (length, seconds) points (a line through
+    two, None with fewer)."""
+    import numpy as np
+
+    pts = points[-3:]
+    if len(pts) < 2:
+        return None
+    xs, ys = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+    coeffs = np.polyfit(xs, ys, len(pts) - 1)
+    return float(max(np.polyval(coeffs, length), ys[-1] * length / xs[-1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_lola.json")
-    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 4096, 16384])
-    ap.add_argument("--prefill", type=int, nargs="*", default=[512, 1024, 2048])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 16384, 65536])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[512, 2048, 8192, 32768])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 4])
+    ap.add_argument("--chunk", type=int, default=512, help="LoLA prefill tokens per model call")
     ap.add_argument("--max-gib", type=float, default=10.0)
-    ap.add_argument("--point", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--max-sdpa-seconds", type=float, default=240.0)
+    ap.add_argument("--sdpa-always-upto", type=int, default=8192, help="SDPA points up to this length always run")
+    ap.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point:
-        part, kind, n = args.point
-        fn = point_decode if part == "decode" else point_prefill
-        print(json.dumps(fn(kind, int(n))))
+        part, kind, *rest = args.point
+        if part == "decode":
+            print(json.dumps(point_decode(kind, int(rest[0]), int(rest[1]))))
+        else:
+            print(json.dumps(point_prefill(kind, int(rest[0]), int(rest[1]), int(rest[2]))))
         return
 
     from lola_train.lola import bytes_table, format_bytes_table
@@ -142,18 +167,28 @@ def main() -> None:
             if kind == "softmax" and kv_gib + 1.5 > args.max_gib:
                 print(f"| {ctx} | {kind} | skipped: estimated {kv_gib:.1f} GiB KV cache | | |")
                 continue
-            r = run_point(["decode", kind, str(ctx)])
+            r = run_point(["decode", kind, str(ctx), "1"])
             results.append(r)
             print(f"| {ctx} | {kind} | {r['ms_per_token']:.1f} | {r['cache_mib']:.1f} | {r['peak_rss_mib']:.0f} |",
                   flush=True)
-    print("\n## prefill (real prompt, batch 1)")
-    print("| length | kind | seconds | tokens/s | peak RSS MiB |\n|---|---|---|---|---|")
-    for n in args.prefill:
-        for kind in ("softmax", "lola"):
-            r = run_point(["prefill", kind, str(n)])
-            results.append(r)
-            print(f"| {n} | {kind} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} |",
-                  flush=True)
+    print(f"\n## prefill (real prompt; LoLA in {args.chunk}-token calls, softmax in one call)")
+    print("| length | batch | kind | seconds | tokens/s | peak RSS MiB |\n|---|---|---|---|---|---|")
+    for batch in args.batches:
+        done: list[tuple[int, float]] = []
+        for n in args.prefill:
+            for kind in ("softmax", "lola"):
+                guess = extrapolate(done, n) if kind == "softmax" and n > args.sdpa_always_upto else None
+                if guess is not None and guess > args.max_sdpa_seconds:
+                    results.append(dict(part="prefill", kind=kind, length=n, batch=batch, skipped=True,
+                                        estimated_seconds=guess))
+                    print(f"| {n} | {batch} | {kind} | skipped: estimated {guess:.0f} s | | |", flush=True)
+                    continue
+                r = run_point(["prefill", kind, str(n), str(batch), str(args.chunk)])
+                results.append(r)
+                if kind == "softmax":
+                    done.append((n, r["seconds"]))
+                print(f"| {n} | {batch} | {kind} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | "
+                      f"{r['peak_rss_mib']:.0f} |", flush=True)
     from lola_train.modeling.lola_cache import LolaCacheConfig
 
     rows = bytes_table(settings=[LolaCacheConfig(global_size=0), LolaCacheConfig(global_size=256),
@@ -164,7 +199,7 @@ def main() -> None:
     print(format_bytes_table(rows))
     results += [dict(part="bytes", **r) for r in rows]
     with open(args.out, "w") as f:
-        json.dump(dict(lola=LOLA, results=results), f, indent=2)
+        json.dump(dict(lola=LOLA, chunk=args.chunk, threads=THREADS, results=results), f, indent=2)
     print(f"\nwrote {args.out}")
 
 
