@@ -54,7 +54,8 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from lola_train.modeling.hybrid_ops import LOLA_CODE_EPS, MIXINGS, hybrid_attention_reference, sink_keys
+from lola_train.modeling.hybrid_ops import (LOLA_CODE_EPS, MIXINGS, check_mixing, hybrid_attention_reference,
+                                            sink_keys)
 
 _NEG = tl.constexpr(-1.0e30)  # running-max sentinel of rows that have seen no softmax key yet
 _EPS = tl.constexpr(LOLA_CODE_EPS)  # 'lola_code' denominator epsilon
@@ -763,8 +764,7 @@ def _check(q, k, v, fq, fk, sigma, ell, window, layout, key_mask, block, precisi
         raise ValueError(f"block={block!r} must be one of 16, 32, 64, 128")
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision={precision!r} must be 'ieee' (exact fp32) or 'tf32'")
-    if mixing not in MIXINGS:
-        raise ValueError(f"attention.mixing={mixing!r} is not valid; choose one of {', '.join(map(repr, MIXINGS))}")
+    check_mixing(mixing)
     if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
         raise ValueError(f"sink_tokens={sink_tokens!r} must be an integer >= 0")
     if sink_tokens > MAX_SINK_TOKENS:

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .hybrid_ops import MIXINGS
+
 LOGIT_0_1 = -2.1972245773362196  # logit(0.1): sigmoid of this is the published initial window factor
 
 
@@ -89,7 +91,7 @@ class AttentionConfig:
     FEATURE_MAPS = ("softmax_dim", "elu", "relu")
     INITS = ("identity", "kaiming")
     LAYOUTS = ("sw", "tk")
-    MIXINGS = ("lolcats", "lola_code")
+    MIXINGS = MIXINGS
 
     def __post_init__(self) -> None:
         self.validate()

@@ -72,17 +72,21 @@ MIXINGS = ("lolcats", "lola_code")
 LOLA_CODE_EPS = 1e-6  # the LoLA code's denominator epsilon (spec 4.2 step 3)
 
 
+def check_mixing(mixing: str) -> None:
+    if mixing not in MIXINGS:
+        raise ValueError(f"attention.mixing={mixing!r} is not valid; choose one of {', '.join(map(repr, MIXINGS))}")
+
+
 def mixing_weights(window_factors: torch.Tensor, mixing: str = "lolcats", affine: bool = False):
     """(sigma, ell) [H] float32: weights of the softmax and linear terms for a mixing.
 
     'lolcats': sigma = sigmoid(w), ell = 1 (or 1 - sigma with affine_attention_factors); 'lola_code': ell = 1 - sigma.
     """
+    check_mixing(mixing)
     sigma = torch.sigmoid(window_factors.float())
-    if mixing == "lola_code" or (mixing == "lolcats" and affine):
+    if mixing == "lola_code" or affine:
         return sigma, 1 - sigma
-    if mixing == "lolcats":
-        return sigma, torch.ones_like(sigma)
-    raise ValueError(f"attention.mixing={mixing!r} is not valid; choose one of {', '.join(map(repr, MIXINGS))}")
+    return sigma, torch.ones_like(sigma)
 
 
 def sink_keys(key_mask: torch.Tensor | None, batch: int, k_len: int, sink_tokens: int, device) -> torch.Tensor | None:
@@ -100,18 +104,17 @@ def _combine(s, soft, lin_scores, v, sigma, ell, mixing):
     docstring times ``lin_scale`` (1 for 'lolcats', e^{-c} for 'lola_code'), which the caller applies to any
     further linear terms (the prefix state) and to the epsilon.
     """
+    check_mixing(mixing)
     s = s.masked_fill(~soft, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = m.masked_fill(torch.isinf(m), 0.0)
     if mixing == "lolcats":
         lin_scale = torch.ones_like(m)
         a = sigma * torch.exp(s - m) + ell * lin_scores
-    elif mixing == "lola_code":
+    else:  # 'lola_code'
         c = m.clamp_min(0.0)
         lin_scale = torch.exp(-c)
         a = sigma * torch.exp(s - c) + (ell * lin_scale) * lin_scores
-    else:
-        raise ValueError(f"attention.mixing={mixing!r} is not valid; choose one of {', '.join(map(repr, MIXINGS))}")
     return a, a @ v, a.sum(-1, keepdim=True), lin_scale
 
 
@@ -298,20 +301,17 @@ def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = 
                      key_mask: torch.Tensor | None = None, chunk_size: int = 64, backend: str = "auto",
                      mixing: str = "lolcats", sink_tokens: int = 0, decay: torch.Tensor | None = None):
     """Dispatch to a backend. 'auto' picks a registered GPU kernel for CUDA tensors when one is present."""
-    if decay is not None:  # the PyTorch paths only (the kernels do not implement the decay yet)
-        if backend not in ("auto",) + PYTORCH_BACKENDS:
-            raise ValueError(f"attention.backend={backend!r} does not implement attention.linear_decay; choose "
-                             f"'auto', 'chunked' or 'reference'")
-        fn = _auto if backend == "auto" else BACKENDS[backend]
-        return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask,
-                  chunk_size=chunk_size, mixing=mixing, sink_tokens=sink_tokens, decay=decay)
-    if (backend == "auto" and q.is_cuda) or backend == "triton":
+    if decay is not None and backend not in ("auto",) + PYTORCH_BACKENDS:
+        raise ValueError(f"attention.backend={backend!r} does not implement attention.linear_decay; choose "
+                         f"'auto', 'chunked' or 'reference'")
+    extra = {} if decay is None else {"decay": decay}  # only the PyTorch paths take a decay
+    if (backend == "auto" and q.is_cuda and decay is None) or backend == "triton":
         load_kernel_backends()
         if backend == "triton" and "triton" not in BACKENDS:
             raise ValueError("attention.backend='triton' needs the lola_kernels package and triton "
                              "(pip install 'lola-train[triton]'); or choose 'auto' or 'chunked'")
     if backend == "auto":
-        fn = BACKENDS.get("triton") if q.is_cuda else None
+        fn = BACKENDS.get("triton") if q.is_cuda and decay is None else None
         if fn is None or not getattr(fn, "supports", lambda *_, **__: True)(q, fq, mixing=mixing,
                                                                              sink_tokens=sink_tokens):
             fn = _auto  # kernels decline some widths and options
@@ -326,4 +326,4 @@ def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = 
             raise ValueError(f"attention.backend={backend!r} is not registered; choose 'auto' or one of "
                              f"{', '.join(map(repr, BACKENDS))}") from None
     return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask, chunk_size=chunk_size,
-              mixing=mixing, sink_tokens=sink_tokens)
+              mixing=mixing, sink_tokens=sink_tokens, **extra)
