@@ -1,7 +1,7 @@
 """Triton LoLA inference kernels (lola_kernels.lola) against the PyTorch functions of lola_ops: the attention of
 a batch of segments vs ``lola_attend`` (local keys under a mask, optionally the global cache per storage head),
 the self-recall error vs ``self_recall_error``, the fold vs ``select_and_fold``'s state update, and LolaLayer runs
-(batched prefill + decode, with sinks) with backend 'triton' vs 'chunked'.
+(batched prefill + decode, with sinks, with a trained decay) with backend 'triton' vs 'chunked'.
 
 Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, tests/conftest.py), so shapes stay
 small. With CUDA the same tests run the compiled kernels.
@@ -249,7 +249,8 @@ def test_select_and_fold_dispatch_matches_torch():
 
 def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
     """A tiny LolaLayer run (a batched prefill over 3 chunks with cache updates, then decode steps; left padding;
-    sinks in the second run) with attention.backend 'triton' (the kernels, counted) against 'chunked'."""
+    sinks in the second run, a linear decay in the third) with attention.backend 'triton' (the kernels, counted)
+    against 'chunked'."""
     from lola_train.convert import convert
     from lola_train.models import load_model
     from lola_train.modeling.lola_cache import LolaCacheConfig, LolaLayer
@@ -281,9 +282,12 @@ def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
         monkeypatch.setattr(kl, name, counted)
 
     results = {}
-    for mixing, gqa, sinks in (("lolcats", "query_head", 0), ("lola_code", "kv_max", 2)):
+    runs = (("lolcats", "query_head", 0, None), ("lola_code", "kv_max", 2, None), ("lola_code", "query_head", 2, 0.8))
+    for mixing, gqa, sinks, gamma in runs:  # gamma: a trained linear decay (folds weighted by gamma^age)
         settings = LolaCacheConfig(window=w, global_size=3, chunk_size=w, mixing=mixing, gqa_selection=gqa)
         monkeypatch.setattr(attn.attention_config, "sink_tokens", sinks)
+        attn.decay_factors = None if gamma is None else torch.nn.Parameter(
+            torch.logit(torch.full((h,), gamma, device=DEVICE)))
         for backend in ("chunked", "triton"):
             monkeypatch.setattr(attn.attention_config, "backend", backend)
             lay = LolaLayer(settings)
@@ -297,7 +301,7 @@ def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
         assert torch.equal(lay0.cache_pos, lay1.cache_pos)
         assert_close(lay1.h_state, lay0.h_state, 5e-5, "H")
         assert_close(lay1.s_state, lay0.s_state, 5e-5, "s")
-    assert calls.get("lola_attend_triton", 0) >= 2 * 5, calls  # 1 batched prefill + 4 decode steps per mixing
+    assert calls.get("lola_attend_triton", 0) >= 3 * 5, calls  # 1 batched prefill + 4 decode steps per run
     assert calls.get("self_recall_error_triton", 0) > 0 and calls.get("fold_triton", 0) > 0, calls
 
 

@@ -32,6 +32,7 @@ def attn():
     with torch.no_grad():  # break the symmetry of the identity init: different q/k maps, per-head factors
         layer.window_factors.normal_()
         layer.feature_map_k.weight.normal_()
+    layer.decay_factors = None  # no trained decay unless a test sets one (fixture ``trained``)
     return layer
 
 
@@ -41,8 +42,11 @@ def trained(attn, monkeypatch):
     def set_options(**options):
         for name, value in options.items():
             monkeypatch.setattr(attn.attention_config, name, value)
+        if options.get("linear_decay"):  # per-head gamma between 0.7 and 0.95: visible within 23 tokens
+            attn.decay_factors = torch.nn.Parameter(torch.logit(torch.linspace(0.7, 0.95, H)))
         return attn
-    return set_options
+    yield set_options
+    attn.decay_factors = None
 
 
 def inputs(length, seed=1, pads=PADS):
@@ -76,7 +80,7 @@ def reference(layer_attn, settings, q, k, v, mask):
         return lola_reference(q, k, v, fq, fk, sigma, ell, window=s.window, global_size=s.global_size,
                               chunk_size=s.chunk_size, window_mode=s.window_mode, mixing=s.mixing,
                               gqa_selection=s.gqa_selection, key_mask=mask,
-                              sink_tokens=layer_attn.attention_config.sink_tokens)
+                              sink_tokens=layer_attn.attention_config.sink_tokens, decay=layer_attn.decay())
 
 
 SPLITS = {"prefill": [23], "decode": [1] * 23, "mixed": [5, 1, 1, 9, 7]}
@@ -87,8 +91,10 @@ SPLITS = {"prefill": [23], "decode": [1] * 23, "mixed": [5, 1, 1, 9, 7]}
 @pytest.mark.parametrize("gqa", ["query_head", "kv_max"])
 @pytest.mark.parametrize("mixing", ["lolcats", "lola_code"])
 @pytest.mark.parametrize("sinks", [0, 2])
-def test_streaming_matches_reference_for_any_split(attn, trained, mode, chunk, global_size, gqa, mixing, sinks):
-    trained(sink_tokens=sinks)
+@pytest.mark.parametrize("decay", [None, 16])
+def test_streaming_matches_reference_for_any_split(attn, trained, mode, chunk, global_size, gqa, mixing, sinks,
+                                                   decay):
+    trained(sink_tokens=sinks, linear_decay=decay)
     cfg = LolaCacheConfig(window=W, global_size=global_size, chunk_size=chunk, window_mode=mode,
                           gqa_selection=gqa, mixing=mixing)
     q, k, v, mask = inputs(23)
@@ -102,10 +108,10 @@ def test_streaming_matches_reference_for_any_split(attn, trained, mode, chunk, g
 
 
 @pytest.mark.parametrize("global_size", [0, 3])
-@pytest.mark.parametrize("mixing,sinks", [("lolcats", 0), ("lola_code", 2)])
-def test_tk_prefill_matches_reference(attn, trained, global_size, mixing, sinks):
+@pytest.mark.parametrize("mixing,sinks,decay", [("lolcats", 0, None), ("lola_code", 2, None), ("lola_code", 2, 16)])
+def test_tk_prefill_matches_reference(attn, trained, global_size, mixing, sinks, decay):
     """'tk' aligns its blocks to the end of each call, so the one-call reference is compared with one call."""
-    trained(sink_tokens=sinks)
+    trained(sink_tokens=sinks, linear_decay=decay)
     cfg = LolaCacheConfig(window=W, global_size=global_size, chunk_size=3, window_mode="tk", mixing=mixing)
     q, k, v, mask = inputs(29, seed=4)
     y_ref, _ = reference(attn, cfg, q, k, v, mask)
@@ -126,10 +132,11 @@ def test_long_calls_run_in_blocks(attn, monkeypatch):
 @pytest.mark.parametrize("mode", ["sliding", "tk", "chunk"])
 @pytest.mark.parametrize("global_size,chunk", [(0, 3), (3, 3), (3, 4), (5, 2)])
 @pytest.mark.parametrize("update_every", ["chunk", "token"])
-def test_padded_row_equals_the_row_alone(attn, trained, mode, global_size, chunk, update_every):
+@pytest.mark.parametrize("decay", [None, 16])
+def test_padded_row_equals_the_row_alone(attn, trained, mode, global_size, chunk, update_every, decay):
     """Updates are timed by each row's real tokens: rows with 0, 3 and 6 pad tokens in one batch give what each
     gives alone, for a prefill and the decode steps after it (outputs and final state)."""
-    trained(sink_tokens=2)
+    trained(sink_tokens=2, linear_decay=decay)
     cfg = LolaCacheConfig(window=W, global_size=global_size, chunk_size=chunk, window_mode=mode,
                           update_every=update_every)
     prompt, steps = 13, 9
@@ -148,17 +155,18 @@ def test_padded_row_equals_the_row_alone(attn, trained, mode, global_size, chunk
 
 
 @pytest.mark.parametrize("layout", ["sw", "tk"])
-@pytest.mark.parametrize("mixing,sinks", [("lolcats", 0), ("lolcats", 4), ("lola_code", 0), ("lola_code", 4)])
+@pytest.mark.parametrize("mixing,sinks,decay", [("lolcats", 0, None), ("lolcats", 4, None), ("lola_code", 0, None),
+                                                ("lola_code", 4, None), ("lola_code", 4, 16), ("lolcats", 0, 16)])
 @pytest.mark.parametrize("settings", [dict(global_size=0), dict(window=32, global_size=0),
                                       dict(window=2, global_size=32, chunk_size=1, window_mode="sliding")],
                          ids=["G0", "big-window", "big-G"])
-def test_plain_hybrid_layer_is_the_limit(attn, trained, layout, mixing, sinks, settings):
+def test_plain_hybrid_layer_is_the_limit(attn, trained, layout, mixing, sinks, decay, settings):
     """G = 0 in the trained layout, or a window / cache that holds everything, = the trained hybrid layer (with
     its DynamicCache: each call attends the whole prefix, tk blocks aligned to the end of the keys so far), for
     both fusions and with attention sinks; the cache uses the trained mixing ('auto'). The big cache uses the
     'sliding' window, where every pair leaving the window is scored at once ('tk' keeps a few recent pairs out of
     its terrace, and so linear, until they are older than 2W)."""
-    trained(window_layout=layout, mixing=mixing, sink_tokens=sinks)
+    trained(window_layout=layout, mixing=mixing, sink_tokens=sinks, linear_decay=decay)
     window = W if settings.get("global_size") == 0 and "window" not in settings else 32
     cfg = LolaCacheConfig(chunk_size=settings.get("chunk_size", 3), **{k: v for k, v in settings.items()
                                                                        if k != "chunk_size"})
@@ -175,7 +183,7 @@ def test_plain_hybrid_layer_is_the_limit(attn, trained, layout, mixing, sinks, s
                 parts.append(hybrid_attention_reference(q[:, :, a:a + n], kk[:, :, :a + n], vv[:, :, :a + n],
                                                         fq[:, :, a:a + n], fk[:, :, :a + n], sigma, ell,
                                                         window=window, layout=layout, key_mask=mask[:, :a + n],
-                                                        mixing=mixing, sink_tokens=sinks))
+                                                        mixing=mixing, sink_tokens=sinks, decay=attn.decay()))
                 a += n
         torch.testing.assert_close(y, torch.cat(parts, 2).float(), atol=2e-6, rtol=1e-5, msg=name)
 
@@ -298,11 +306,22 @@ def test_settings_errors_name_the_field():
     assert (cfg.window, cfg.global_size, cfg.mixing, cfg.chunk_size) == (64, 256, "lola_code", None)
 
 
-def test_linear_decay_models_are_refused(attn, trained):
-    trained(linear_decay=64)
-    q, k, v, mask = inputs(5)
-    with pytest.raises(ConfigError, match="linear_decay"):
-        stream(attn, LolaCacheConfig(window=W, global_size=2), q, k, v, mask, [5])
+def test_decayed_state_is_the_weighted_sum_of_folded_pairs(attn, trained):
+    """With a trained decay, (H, s) after a prefill = sum over folded pairs of gamma^(state_at - j) phi_k(k_j) v_j,
+    and state_at is the last update's position."""
+    trained(linear_decay=16)
+    cfg = LolaCacheConfig(window=W, global_size=2, chunk_size=3)
+    q, k, v, mask = inputs(17, pads=(0,))
+    _, lay = stream(attn, cfg, q, k, v, mask, [17])
+    assert int(lay.state_at[0]) == 15
+    code = lay.memory_of(torch.arange(17))[0]                                    # [H,17]
+    with torch.no_grad():
+        fk = attn.feature_map_k(repeat_kv(k, H // HK))[0].float()                # [H,17,D]
+    weight = attn.decay()[:, None] ** (15 - torch.arange(17.0)) * (code == MEMORIES.index("linear"))
+    h_want = torch.einsum("hl,hlD,hld->hDd", weight, fk, repeat_kv(v, H // HK)[0])
+    assert (code == MEMORIES.index("linear")).any()
+    torch.testing.assert_close(lay.h_state[0], h_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lay.s_state[0], torch.einsum("hl,hlD->hD", weight, fk), atol=1e-5, rtol=1e-5)
 
 
 def test_crop_is_refused_and_reset_clears(attn):

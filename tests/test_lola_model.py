@@ -127,12 +127,34 @@ def test_mixed_left_padding_equals_each_row_alone(model, settings):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mixing,sinks", [("lola_code", 0), ("lolcats", 4), ("lola_code", 4)])
-def test_trained_fusion_and_sinks_global_size_zero_equals_plain_hybrid(mixing, sinks):
-    """A model trained with the 'lola_code' fusion and/or attention sinks: LoLA with G = 0 computes the trained
-    hybrid layer (prefill and token-by-token decode), and its cache counts the sink buffer."""
+def test_masks_cover_only_the_new_tokens(model):
+    """With a LoLA cache transformers builds each call's mask over the new tokens only (LolaLayer.get_mask_sizes),
+    not over the whole context: a padded prompt then decode steps."""
+    ids = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    seen = []
+    hook = model.model.layers[1].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], kwargs["attention_mask"])),
+        with_kwargs=True)
+    try:
+        model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                       cache=LolaCache(model.config, global_size=3))
+    finally:
+        hook.remove()
+    assert len(seen) == 6 and seen[0][1] is not None  # the padded prompt needs a mask; a decode step may not
+    for length, m in seen:
+        assert m is None or m.shape[-1] == length, (length, None if m is None else m.shape)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mixing,sinks,decay", [("lola_code", 0, None), ("lolcats", 4, None), ("lola_code", 4, None),
+                                                ("lola_code", 4, 16)])
+def test_trained_fusion_and_sinks_global_size_zero_equals_plain_hybrid(mixing, sinks, decay):
+    """A model trained with the 'lola_code' fusion and/or attention sinks and/or a linear decay: LoLA with G = 0
+    computes the trained hybrid layer (prefill and token-by-token decode), and its cache counts the sink buffer."""
     model, _ = load_model(random=dict(SPEC, seed=3))
-    convert(model, dict(ATTN, mixing=mixing, sink_tokens=sinks))
+    convert(model, dict(ATTN, mixing=mixing, sink_tokens=sinks, linear_decay=decay))
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.window_factors.normal_()

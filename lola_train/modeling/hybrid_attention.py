@@ -164,7 +164,10 @@ class HybridAttention(nn.Module):
             if self.transfer_mode:
                 raise ValueError("HybridAttention: stage-1 transfer mode cannot run with a LoLA cache; call the "
                                  "model with use_cache=False (or without the LolaCache)")
-            key_mask = key_padding_mask(attention_mask, length, lola.get_seq_length() + length)
+            # the padding of the new tokens: the mask's last `length` keys (LolaLayer.get_mask_sizes asks
+            # transformers for just those; a mask over the whole context works too)
+            keys = length if attention_mask is None else attention_mask.shape[-1]
+            key_mask = key_padding_mask(attention_mask, length, keys)
             y = lola.attend(self, q, k, v, None if key_mask is None else key_mask[:, -length:])
             return self.o_proj(y.transpose(1, 2).reshape(b, length, -1).to(hidden_states.dtype)), None
         if cache is not None:  # a plain transformers KV cache: exact, but grows with the context

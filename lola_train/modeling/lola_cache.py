@@ -14,6 +14,8 @@ row's real tokens, see ``lola_ops``; padding is never stored):
     s_state            [B,H,D]     float32      s = sum phi_k(k)
     real_seen          [B]         int64        real tokens of the row so far
     first_live         [B]         int64        recent pairs before this position have left the buffer
+    state_at           [B]         int64        real position of the last update: with a trained linear decay,
+                                                (H, s) hold gamma^(state_at - j)-weighted sums (lola_ops)
 
 phi_k(k) is recomputed from the raw keys when needed (scoring, the recent pairs outside the window), never
 stored. The math lives in ``lola_ops``; this file does the bookkeeping.
@@ -42,8 +44,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from .attention_config import AttentionConfig, ConfigError, check_choice, check_positive, from_mapping
 from .hybrid_ops import MIXINGS, mixing_weights
-from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, evict_before, expand_heads, grouped_matmul,
-                       in_window, lola_attend, lola_kernels_for, recent_capacity, select_and_fold, take_rows)
+from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, decay_power, evict_before, expand_heads,
+                       grouped_matmul, in_window, lola_attend, lola_kernels_for, recent_capacity, select_and_fold,
+                       take_rows)
 
 
 @dataclass
@@ -217,6 +220,7 @@ class LolaLayer(CacheLayerMixin):
         self.seen = 0            # tokens (padding included) of this sequence so far: transformers' position counter
         self.real_seen = None    # [B] real tokens per row so far: the next real position
         self.first_live = None   # [B] recent pairs before this real position have left the buffer (cache or H)
+        self.state_at = None     # [B] real position the (decayed) linear state is referenced to: the last update
         self.recent_k = self.recent_v = None
         self.sink_k = self.sink_v = None
         self.cache_k = self.cache_v = self.cache_pos = None
@@ -237,13 +241,16 @@ class LolaLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        """(kv_length, kv_offset) of the mask transformers builds for the next call: only the new tokens, at offset
+        ``seen`` (as its sliding-window layers do). HybridAttention reads just their padding from it, so the mask
+        stays [L, L] per call instead of growing to [L, context] (O(L^2) memory and time over a long prompt)."""
+        return query_length, self.seen
 
     def get_max_length(self) -> int:
         return -1
 
     STATE = ("recent_k", "recent_v", "sink_k", "sink_v", "cache_k", "cache_v", "cache_pos", "h_state", "s_state",
-             "real_seen", "first_live")
+             "real_seen", "first_live", "state_at")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.STATE if getattr(self, n) is not None}
@@ -295,10 +302,6 @@ class LolaLayer(CacheLayerMixin):
             if self.settings is None:
                 raise RuntimeError("LolaLayer has no settings: build it with LolaCache(config, ...) or set "
                                    "model.config.lola_cache (lola_train.lola.enable_lola_cache)")
-            if getattr(attn.attention_config, "linear_decay", None) is not None:
-                raise ConfigError("lola_cache: the model was trained with attention.linear_decay, which the LoLA "
-                                  "cache does not implement (its linear state has no decay); use a DynamicCache "
-                                  "(disable_lola_cache) for this model")
             self.resolved = self.settings.resolve(attn.attention_config)
             self.sinks = attn.attention_config.sink_tokens
         return self.resolved
@@ -322,6 +325,7 @@ class LolaLayer(CacheLayerMixin):
         self.s_state = torch.zeros(b, h, dd, dtype=torch.float32, device=dev)
         self.real_seen = torch.zeros(b, dtype=torch.long, device=dev)
         self.first_live = torch.zeros(b, dtype=torch.long, device=dev)
+        self.state_at = torch.zeros(b, dtype=torch.long, device=dev)
         self.is_initialized = True
 
     def recent_positions(self) -> torch.Tensor:
@@ -409,8 +413,8 @@ class LolaLayer(CacheLayerMixin):
             for i, n in enumerate(range(na, nz)):
                 self._update(attn, call, ext_k, ext_v, fk_ext, update_at[:, n])
                 cache = self._cache_now(call)
-                for name, t in zip(("k", "v", "pos", "h", "s", "first_live"),
-                                   (*cache, self.h_state, self.s_state, self.first_live)):
+                for name, t in zip(("k", "v", "pos", "h", "s", "first_live", "state_at"),
+                                   (*cache, self.h_state, self.s_state, self.first_live, self.state_at)):
                     snapshots[name][i].copy_(t)
             y, tok = self._attend_segments(attn, call, q_ext, ext_k, ext_v, fk_ext, snapshots,
                                            seg_start[:, na:nz], seg_end[:, na:nz], per_segment, sigma, ell)
@@ -447,13 +451,18 @@ class LolaLayer(CacheLayerMixin):
         win = in_window(r1[:, None] - 1, k_real, cfg.window_mode, cfg.window, r1)[:, 0]             # [B,R]
         soft, lin = win & live, ~win & live
         fq = attn.feature_map_q(q).float()
+        gamma = attn.decay()
         lin_num = lin_den = None
         cols = torch.nonzero(lin.any(0)).flatten()
         if cols.numel():  # recent pairs out of the window, not yet scored: linear terms with phi_k(k)
             lo, hi = int(cols[0]), int(cols[-1]) + 1
             fk = attn.feature_map_k(expand_heads(band_k[:, :, lo:hi], h)).float()
             a = (fq @ fk.transpose(-1, -2)).mul_(lin[:, None, None, lo:hi].float())
+            if gamma is not None:  # gamma^(r - j) [B,H,1,hi-lo]
+                a.mul_(decay_power(gamma, (r1[:, None] - 1 - k_real[:, lo:hi])[:, None, None]))
             lin_num, lin_den = grouped_matmul(a, band_v[:, :, lo:hi].float()), a.sum(-1)
+        if gamma is not None:  # gamma^(r - state_at) phi_q(q_r) reads the state referenced to its last update
+            fq = fq * decay_power(gamma, (r1 - 1 - self.state_at)[:, None, None, None])
         local_k, local_v, mask = band_k, band_v, soft[:, None, None, :]
         if self.sinks:  # all S sinks are filled (r1 > S)
             local_k, local_v = torch.cat([self.sink_k, band_k], dim=2), torch.cat([self.sink_v, band_v], dim=2)
@@ -502,7 +511,7 @@ class LolaLayer(CacheLayerMixin):
         """Per-chunk copies of the memories that change at cache updates, for M chunks: [M,B,...] each."""
         return {name: t.new_empty(m, *t.shape) for name, t in
                 (("k", self.cache_k), ("v", self.cache_v), ("pos", self.cache_pos), ("h", self.h_state),
-                 ("s", self.s_state), ("first_live", self.first_live))}
+                 ("s", self.s_state), ("first_live", self.first_live), ("state_at", self.state_at))}
 
     def _working(self, attn, call: _Call, width: int) -> dict[str, torch.Tensor]:
         """The call's candidate buffers for updates of up to ``width`` new pairs (allocated at the call's first
@@ -553,14 +562,23 @@ class LolaLayer(CacheLayerMixin):
         cand["pos"][:, :, g:] = torch.where(ok, real, -1)[:, None, :]
         cand["fk"][:, :, g:] = _take(sel(fk_ext), src)
         h_state, s_state = sel(self.h_state), sel(self.s_state)
+        gamma, fold_weight = attn.decay(), None
+        if gamma is not None:  # age the state to this update, fold each pair with gamma^(u - j) (lola_ops)
+            u = sel(at)
+            age = decay_power(gamma, (u - sel(self.state_at))[:, None])                  # [B',H]
+            h_state.mul_(age[..., None, None])
+            s_state.mul_(age[..., None])
+            fold_weight = decay_power(gamma, expand_heads(u[:, None, None] - cand["pos"].long(), h_state.shape[1]))
         select_and_fold(cand["k"], cand["v"], cand["pos"], cand["fk"], h_state, s_state, global_size=g,
-                        gqa_selection=cfg.gqa_selection, eps=cfg.eps, backend=attn.attention_config.backend)
+                        gqa_selection=cfg.gqa_selection, eps=cfg.eps, backend=attn.attention_config.backend,
+                        fold_weight=fold_weight)
         if rows is not None:
             for name, t in cand.items():
                 work[name].index_copy_(0, rows, t)
             self.h_state.index_copy_(0, rows, h_state)
             self.s_state.index_copy_(0, rows, s_state)
         self.first_live = torch.where(active, limit, self.first_live)
+        self.state_at = torch.where(active, at, self.state_at)
 
     def _attend_segments(self, attn, call: _Call, q_ext, ext_k, ext_v, fk_ext, snapshots, seg_start, seg_end,
                          per_segment: int, sigma, ell):
@@ -595,11 +613,17 @@ class LolaLayer(CacheLayerMixin):
 
         lin_num = lin_den = None
         cols = torch.nonzero(lin.flatten(0, 2).any(0)).flatten()
+        gamma = attn.decay()
         if cols.numel():  # recent pairs out of the window, not yet scored: linear terms with phi_k(k)
             lo, hi = int(cols[0]), int(cols[-1]) + 1
             fk_band = _segments(_take(fk_ext, src.view(b, m, r)[:, :, lo:hi].reshape(b, -1)), m)
             a = (fq_seg @ fk_band.transpose(-1, -2)).mul_(per_segment_mask(lin[..., lo:hi]).float())
+            if gamma is not None:  # gamma^(r - j) per (query, key) [M*B,H,Q,hi-lo]
+                a.mul_(decay_power(gamma, per_segment_mask(q_real[..., None] - k_real[:, :, None, lo:hi])))
             lin_num, lin_den = grouped_matmul(a, v_band[:, :, lo:hi].float()), a.sum(-1)
+        if gamma is not None:  # the state is referenced to its last update: gamma^(r - state_at) phi_q(q_r)
+            ages = q_real - snapshots["state_at"].t()[:, :, None]                               # [B,M,Q]
+            fq_seg = fq_seg * decay_power(gamma, per_segment_mask(ages[..., None]))            # [M*B,H,Q,D]
 
         local_k, local_v, mask = k_band, v_band, per_segment_mask(soft)
         if self.sinks:  # sink j (real position j) is visible to queries at or after it
@@ -692,7 +716,7 @@ def lola_bytes_per_sequence(*, num_layers: int, num_heads: int, num_kv_heads: in
                  + 2 * hs * s.global_size * head_dim * dtype_bytes            # cache k, v
                  + hs * s.global_size * 4                                     # cache positions (int32)
                  + num_heads * feature_width * (head_dim + 1) * 4             # H and s, float32
-                 + 2 * 8)                                                     # real_seen, first_live (int64)
+                 + 3 * 8)                                             # real_seen, first_live, state_at (int64)
     return num_layers * per_layer
 
 

@@ -30,6 +30,13 @@ window (never the sinks); each is scored with the self-recall error
     SRE(k, v) = || v - phi_k(k)^T H / (phi_k(k)^T s + eps) ||_2^2          (fp32, under the pre-insertion H, s)
 
 the top ``global_size`` stay in G and the rest are folded into (H, s). Cached pairs are never in H (trap T10).
+
+Decay (a model trained with ``attention.linear_decay``, gamma [H]): the linear term of query r and key j carries
+gamma^(r - j), as in the trained layer. The state is kept referenced to its last update u,
+H_u = sum_folded gamma^(u - j) phi_k(k_j) v_j^T (and s_u alike): an update first ages the state,
+H <- gamma^(u - u') H, then folds each dropped pair with weight gamma^(u - j); a query r >= u reads it through
+gamma^(r - u) phi_q(q_r) (factors <= 1: nothing overflows), and the recent pairs out of the window through
+gamma^(r - j). The self-recall error is taken under the aged state H_u, s_u: the memory the pair would join.
 The cache contents depend only on keys, values and phi_k(k), never on attention outputs: the selection runs as a
 cheap sequential pass and the attention of all queries of a prompt then runs batched (``lola_cache``).
 
@@ -161,8 +168,16 @@ def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, 
     return kernels
 
 
+def decay_power(decay: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """gamma_h^distance for decay [H] and integer distances [B, H or 1, ...] (negative distances count as 0)
+    -> [B, H, ...] float32."""
+    shape = (1, -1) + (1,) * (distance.dim() - 2)
+    return torch.exp(distance.float().clamp_min(0) * torch.log(decay.float()).view(shape))
+
+
 def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, global_size: int,
-                    gqa_selection: str = "query_head", eps: float = 1e-6, backend: str = "auto") -> None:
+                    gqa_selection: str = "query_head", eps: float = 1e-6, backend: str = "auto",
+                    fold_weight: torch.Tensor | None = None) -> None:
     """One cache update (spec 4.2 'update', 4.5), in place.
 
     The candidates are the cache (the first G = global_size slots) followed by N pairs leaving the window:
@@ -171,6 +186,8 @@ def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, glob
     s_state [B,H,D], float32); the top G are kept, the rest folded into h_state, s_state. Afterwards the cache is
     the first G slots again: each kept new pair has moved into the slot of a dropped one (only <= N rows move).
     ``backend`` (attention.backend) picks the Triton kernels for the scores and the fold (:func:`lola_kernels_for`).
+    ``fold_weight`` [B,H,G+N] (decay: gamma^(u - position)) multiplies phi_k of the pairs that are folded; the
+    scores use the unweighted phi_k.
     """
     heads, hs = h_state.shape[1], cand_k.shape[1]
     groups, g, n = heads // hs, global_size, cand_pos.shape[-1] - global_size
@@ -186,11 +203,12 @@ def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, glob
     else:
         order = torch.arange(g + n, device=cand_pos.device).expand(cand_pos.shape)
     keep, drop = order[..., :g], order[..., g:]
+    fk_fold = cand_fk if fold_weight is None else cand_fk * fold_weight.unsqueeze(-1)
     if kernels is not None:
         fold = valid & ~torch.zeros_like(valid).scatter_(-1, keep, True)
-        kernels.fold_triton(cand_fk, cand_v, fold, h_state, s_state)
+        kernels.fold_triton(fk_fold.contiguous(), cand_v, fold, h_state, s_state)
     else:  # only the N dropped candidates enter the matmul
-        fk_drop = take_rows(cand_fk, drop) * valid.gather(-1, drop).unsqueeze(-1).repeat_interleave(groups, 1)
+        fk_drop = take_rows(fk_fold, drop) * valid.gather(-1, drop).unsqueeze(-1).repeat_interleave(groups, 1)
         h_state += grouped_matmul(fk_drop.transpose(-1, -2), take_rows(cand_v, drop).float())
         s_state += fk_drop.sum(2)
     if g == 0 or n == 0:
@@ -332,13 +350,14 @@ def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str 
 def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int, chunk_size: int | None = None,
                    update_positions=None, window_mode: str = "sliding", mixing: str = "lolcats",
                    gqa_selection: str = "query_head", key_mask: torch.Tensor | None = None, sink_tokens: int = 0,
-                   eps: float = 1e-6):
+                   decay: torch.Tensor | None = None, eps: float = 1e-6):
     """Quadratic LoLA over one call (a test oracle; O(L^2) memory per row).
 
     q [B,H,L,d], k, v [B,Hk,L,d] (Hk divides H), fq [B,H,L,D], fk [B,H,L,D] (phi_k of the keys, per query head),
     key_mask [B,L] (True = real token). Each row's real tokens are taken out of the padding and numbered 0, 1, ...;
     the cache is updated before real query u for every u in ``update_positions`` (default: the multiples of
-    ``chunk_size``). 'tk' aligns its blocks to the row's number of real tokens. Returns (y [B,H,L,d] float32, 0 at
+    ``chunk_size``). 'tk' aligns its blocks to the row's number of real tokens. ``decay`` gamma [H] weighs the
+    linear term of query r and key j by gamma^(r - j), and the state scored at update u by gamma^(u - j). Returns (y [B,H,L,d] float32, 0 at
     padding; cached [B,H,L] bool: in the sparse cache after the last update).
     """
     b, h, length, d = q.shape
@@ -356,17 +375,23 @@ def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int
         updates = range(chunk_size, n, chunk_size) if update_positions is None else update_positions
         yr, cached = _reference_row(qr, kr, vr, fqr, fkr, sigma, ell, window=window, global_size=global_size,
                                     updates=updates, window_mode=window_mode, mixing=mixing, groups=groups,
-                                    gqa_selection=gqa_selection, sink_tokens=sink_tokens, eps=eps)
+                                    gqa_selection=gqa_selection, sink_tokens=sink_tokens, decay=decay, eps=eps)
         y[row][:, idx] = yr
         cached_out[row][:, idx] = cached
     return y, cached_out
 
 
 def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates, window_mode, mixing, groups,
-                   gqa_selection, sink_tokens, eps):
+                   gqa_selection, sink_tokens, decay, eps):
     """One row's real tokens: q, k, v [H,n,d], fq, fk [H,n,D]. Returns (y [H,n,d], cached [H,n])."""
     h, n, d = q.shape
     pos = torch.arange(n, device=q.device)
+
+    def aged(distance):  # gamma^distance [H, ...] (1 without decay)
+        if decay is None:
+            return torch.ones((h,) + distance.shape, device=q.device)
+        return decay_power(decay, distance[None, None])[0]
+
     sink = pos < sink_tokens                                                   # [n]
     cached = torch.zeros(h, n, dtype=torch.bool, device=q.device)
     folded = torch.zeros_like(cached)
@@ -375,8 +400,9 @@ def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates,
     for u, nxt in zip([0] + bounds[:-1], bounds):
         if u > 0:  # the update before query u
             candidates = (cached | (pos < evict_before(u, window_mode, window))) & ~folded & ~sink
-            h_state = torch.einsum("hlD,hld->hDd", fk * folded[..., None], v)
-            s_state = (fk * folded[..., None]).sum(1)
+            weight = folded * aged(u - pos)                                    # [H,n]: gamma^(u - j) if folded
+            h_state = torch.einsum("hlD,hld->hDd", fk * weight[..., None], v)
+            s_state = (fk * weight[..., None]).sum(1)
             sre = self_recall_error(fk[None], v[None], h_state[None], s_state[None], eps)
             score = expand_heads(group_scores(sre, groups, gqa_selection), h)[0]
             score = score.masked_fill(~candidates, float("-inf"))
@@ -391,7 +417,7 @@ def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates,
     soft = (in_window(pos, pos, window_mode, window, n) | sink[None, :] | cached_for_query) & causal
     lin = causal & ~soft
     s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
-    phi = (fq @ fk.transpose(-1, -2)) * lin
+    phi = (fq @ fk.transpose(-1, -2)) * lin * aged(pos[:, None] - pos[None, :])
     sig, el = sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1)
     if mixing == "lolcats":
         m = s.masked_fill(~soft, float("-inf")).amax(-1, keepdim=True)
