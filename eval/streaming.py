@@ -90,7 +90,8 @@ def estimate_cache_bytes(model: nn.Module, spec: CacheSpec, context: int) -> int
     settings = LolaCacheConfig(window=spec.window, global_size=spec.global_size).resolve(attention)
     return lola_bytes_per_sequence(num_layers=s["num_layers"], num_heads=s["num_heads"],
                                    num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
-                                   feature_width=feature_width, settings=settings, dtype_bytes=dtype_bytes(model))
+                                   feature_width=feature_width, settings=settings, dtype_bytes=dtype_bytes(model),
+                                   sink_tokens=attention.sink_tokens)
 
 
 @dataclass

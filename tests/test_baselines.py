@@ -141,10 +141,12 @@ def test_cache_bytes_stay_constant_over_long_generation(spec):
     assert type(new_cache(m)) is DynamicCache
 
 
-def test_equal_budget_sizing_is_exact():
-    """The budget is LoLA's measured bytes; the sized baselines hold the most pairs that fit, measured."""
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_equal_budget_sizing_is_exact(sinks):
+    """The budget is LoLA's measured bytes (its sink buffer included); the sized baselines hold the most pairs that
+    fit, measured."""
     teacher = tiny()
-    lin = converted({"window_size": 16, "feature_dim": 8, "chunk_size": 16})
+    lin = converted({"window_size": 16, "feature_dim": 8, "chunk_size": 16, "sink_tokens": sinks})
     set_cache(lin, CacheSpec.parse("lola:16:8"))
     c = new_cache(lin)
     prefill(lin, ids_of(100), c, chunk=32)

@@ -92,8 +92,9 @@ def test_chunked_prefill_matches_one_forward(tiny_dir):
         torch.testing.assert_close(last, full, atol=2e-4, rtol=2e-4)
 
 
-def test_cache_bytes_measured_equal_closed_form(tiny_dir):
-    model, _ = load_source(f"convert:{tiny_dir}", attention=ATTN)
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_cache_bytes_measured_equal_closed_form(tiny_dir, sinks):
+    model, _ = load_source(f"convert:{tiny_dir}", attention=dict(ATTN, sink_tokens=sinks))
     assert is_linearized(model)
     ids = torch.randint(0, 49152, (1, 150), generator=torch.Generator().manual_seed(1))
     for text in ("full", "lola:16:0", "lola:16:8", "lola:8:32"):
