@@ -124,14 +124,15 @@ def _lola_signature(kernel, io_dtype: str, constexprs: dict) -> dict:
 
 def lola_configurations(head_dim: int, feature_width: int, precision: str = "ieee"):
     """(kernel, constexprs, num_warps) of lola.py as launched: the attention segment for a decode token and for
-    a prefill chunk (both mixings, with the extra linear terms), the self-recall error and the fold."""
+    a prefill chunk (both mixings, with the extra linear terms and the sparse global cache, G > 0; and once
+    without the cache, G = 0), the self-recall error and the fold."""
     dh, df = kl._pow2(head_dim), kl._pow2(feature_width)
     out = []
     for lq in (1, 64):
         bq, bm = kl.attend_blocks(lq, head_dim)
-        for mixing in (0, 1):
+        for mixing, has_cache in ((0, True), (1, True)) + (((1, False),) if lq == 64 else ()):
             out.append((kl._lola_attn_kernel, dict(MIXING=mixing, HAS_LIN=True, BQ=bq, BM=bm, DH=dh, DF=df,
-                                                   PREC=precision), 4))
+                                                   PREC=precision, HAS_CACHE=has_cache), 4))
     out.append((kl._sre_kernel, dict(BN=32, DH=dh, DF=df, PREC=precision), 4))
     out.append((kl._fold_kernel, dict(BN=32, BD=min(df, 64), BV=min(dh, 64), PREC=precision), 4))
     return out
@@ -151,7 +152,8 @@ def compile_lola_kernels(head_dim: int, feature_width: int, *, arch: int = 90, i
         assert "cubin" in compiled.asm, f"{kernel.__name__}: no cubin produced"
         name = kernel.__name__
         if "BQ" in constexprs:
-            name += f"[BQ={constexprs['BQ']},{'lolcats' if constexprs['MIXING'] == 0 else 'lola_code'}]"
+            name += (f"[BQ={constexprs['BQ']},{'lolcats' if constexprs['MIXING'] == 0 else 'lola_code'},"
+                     f"{'cache' if constexprs['HAS_CACHE'] else 'no cache'}]")
         out.append(dict(kernel=name, head_dim=head_dim, feature_width=feature_width, arch=arch,
                         io_dtype=io_dtype, has_mask=True, layout="lola", precision=precision, mixing="",
                         sinks=False, num_warps=num_warps, shared_bytes=compiled.metadata.shared,

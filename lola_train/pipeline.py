@@ -101,7 +101,8 @@ def data_loader(recipe: Recipe, accelerator):
 
 
 def stage_export(recipe: Recipe) -> dict:
-    """Merge the LoRA of stage 2 into the converted model and write the HF folder and the adapter."""
+    """Merge the LoRA of stage 2 into the converted model and write the HF folder and the adapter; with
+    export.stage 'transfer', write the stage-1 model (no LoRA, no adapter)."""
     from .export import export_adapter, export_model
     from .train.checkpoint import load_named, trainable_state
     from .train.student import (FINETUNE_FINAL, add_lora, finetune_named_parameters, load_transferred,
@@ -109,14 +110,17 @@ def stage_export(recipe: Recipe) -> dict:
 
     out = Path(recipe.output_dir) / "export"
     model, tok = load_transferred(recipe, needed_by="export")
-    lola_params = trainable_state(named_transfer_parameters(model))
-    peft_model = add_lora(model, recipe.finetune)
-    final = stage_output(recipe, FINETUNE_FINAL, "export")
-    load_named(finetune_named_parameters(peft_model), final["params"], "export: stage-2 parameters")
-    summary = {}
-    if recipe.export.adapter:
-        summary["adapter_dir"] = str(export_adapter(peft_model, lola_params, out / "adapter"))
-    merged = peft_model.merge_and_unload()
+    summary = {"stage": recipe.export.stage}
+    if recipe.export.stage == "transfer":
+        merged = model
+    else:
+        lola_params = trainable_state(named_transfer_parameters(model))
+        peft_model = add_lora(model, recipe.finetune)
+        final = stage_output(recipe, FINETUNE_FINAL, "export")
+        load_named(finetune_named_parameters(peft_model), final["params"], "export: stage-2 parameters")
+        if recipe.export.adapter:
+            summary["adapter_dir"] = str(export_adapter(peft_model, lola_params, out / "adapter"))
+        merged = peft_model.merge_and_unload()
     if recipe.lola_cache is not None:  # the exported config.json switches the LoLA cache on at load
         from .lola import enable_lola_cache
 

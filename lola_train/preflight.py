@@ -282,7 +282,7 @@ def checkpoint_bytes(model: nn.Module, recipe: Recipe, stages: list[str], n_lora
         width = torch.finfo(DTYPES[dtype]).bits // 8
         fp32 = {id(p) for p in transfer_parameters(model)}
         total += sum(p.numel() * (4 if id(p) in fp32 else width) for p in model.parameters())
-        if recipe.export.adapter:
+        if recipe.export.adapter and recipe.export.stage == "finetune":
             total += 4 * ((n_lora or 0) + n_transfer)
     return total
 

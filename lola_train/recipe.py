@@ -108,10 +108,14 @@ class FinetuneSection(TrainSection):
 
 @dataclass
 class ExportSection:
-    """dtype: of the exported weights ('model' keeps the model dtype). adapter: also write the LoRA adapter."""
+    """dtype: of the exported weights ('model' keeps the model dtype). adapter: also write the LoRA adapter.
+    stage: which model is exported: 'finetune' (stage 1 + the merged stage-2 LoRA, the default) or 'transfer'
+    (stage 1 only: the teacher's q/k/v/o weights untouched, no adapter; measured to keep far more passkey retrieval
+    under the LoLA cache, at a higher perplexity; BENCHMARKS.md "Long-context fidelity")."""
 
     dtype: str = "model"
     adapter: bool = True
+    stage: str = "finetune"
 
 
 @dataclass
@@ -239,6 +243,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError("finetune.target_modules is empty; choose from q_proj, k_proj, v_proj, o_proj "
                           "(or other linear module names of the model)")
     check_choice("export.dtype", recipe.export.dtype, ("model",) + tuple(DTYPES))
+    check_choice("export.stage", recipe.export.stage, ("finetune", "transfer"))
     validate_eval(recipe.eval)
     if recipe.lola_cache is not None:
         recipe.lola_cache.validate()

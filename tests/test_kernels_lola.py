@@ -311,7 +311,8 @@ def test_registered():
 
 def test_lola_kernels_compile_for_sm90(tmp_path):
     """The LoLA kernels compile to sm_90 cubins (the interpreter cannot show this): d = 128, D = 128, the widest
-    configurations (decode and prefill blocks, both mixings, SRE, fold), in a process without TRITON_INTERPRET."""
+    configurations (decode and prefill blocks, both mixings, with the global cache and without, SRE, fold), in a
+    process without TRITON_INTERPRET."""
     import json
     import subprocess
     import sys
@@ -324,6 +325,7 @@ def test_lola_kernels_compile_for_sm90(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert {r["kernel"].split("[")[0] for r in rows} == {"_lola_attn_kernel", "_sre_kernel", "_fold_kernel"}
-    assert len(rows) == 6
+    assert len(rows) == 7
+    assert sum("cache]" in r["kernel"] and "no cache" not in r["kernel"] for r in rows) == 4  # HAS_CACHE launches
     for r in rows:
         assert 0 < r["shared_bytes"] <= r["shared_limit"], r

@@ -137,3 +137,29 @@ def test_kill_then_resume_matches_uninterrupted_run(full_run, tmp_path):
         last_b = torch.load(out / stage / "ckpt.pt", weights_only=False)
         for name in last_a["params"]:  # the last (not only the best) parameters agree too
             assert torch.allclose(last_a["params"][name], last_b["params"][name], atol=1e-6, rtol=0), name
+
+
+def test_export_of_the_stage1_model(full_run, tmp_path):
+    """export.stage=transfer writes the stage-1 model (teacher q/k/v/o, trained feature maps; no LoRA, no adapter):
+    its logits equal load_transferred's."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    src, _ = full_run
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("transfer", "data"):
+        if (src / name).exists():
+            shutil.copytree(src / name, out / name)
+    recipe = tiny(out, "stages=[export]", "export.stage=transfer")
+    results = run(recipe)
+    assert results["export"]["stage"] == "transfer" and "adapter_dir" not in results["export"]
+    assert not (out / "export" / "adapter").exists()
+    exported = AutoModelForCausalLM.from_pretrained(results["export"]["model_dir"], trust_remote_code=True).eval()
+    stage1, _ = load_transferred(recipe, needed_by="test")
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids, use_cache=False).logits, stage1.eval()(ids, use_cache=False).logits,
+                                   atol=1e-4, rtol=1e-4)
+
