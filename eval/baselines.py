@@ -49,7 +49,6 @@ layer); a budget of B bytes buys ``N = floor(B / that)`` pairs per KV head (so `
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -95,12 +94,18 @@ def lola_budget_bytes(config, lola_spec: str, dtype_bytes: int, attention=None) 
     from lola_train.modeling.attention_config import AttentionConfig
     from lola_train.modeling.lola_cache import LolaCacheConfig, lola_bytes_per_sequence
 
-    m = re.match(r"^lola:(\d+):(\d+)(?::[a-z_]+)?$", lola_spec.strip())
-    if not m:
+    from .loading import CacheSpec
+
+    try:
+        spec = CacheSpec.parse(lola_spec)
+    except ValueError:
+        spec = None
+    if spec is None or spec.kind != "lola":
         raise ValueError(f"budget {lola_spec!r} is not valid; give a LoLA cache spec such as lola:64:256")
     attention = AttentionConfig.coerce(attention if attention is not None else
                                        getattr(config, "lola_attention", None) or {})
-    settings = LolaCacheConfig(window=int(m.group(1)), global_size=int(m.group(2))).resolve(attention)
+    settings = LolaCacheConfig(window=spec.window, global_size=spec.global_size,
+                               gqa_selection=spec.gqa).resolve(attention)
     s = kv_shape(config)
     return lola_bytes_per_sequence(num_layers=s["layers"], num_heads=s["heads"], num_kv_heads=s["kv_heads"],
                                    head_dim=s["head_dim"],

@@ -1,4 +1,4 @@
-"""Cache specs of the evaluation suite: 'full', 'lola:W:G' and the optional fusion suffix."""
+"""Cache specs of the evaluation suite: 'full', 'lola:W:G' and the optional fusion and GQA-selection suffixes."""
 import pytest
 
 from lola_eval.loading import CacheSpec
@@ -14,6 +14,11 @@ def test_cache_specs_round_trip():
     assert CacheSpec.parse("lola:32:8").lola_settings().mixing == "auto"  # the model's trained fusion
     assert CacheSpec.parse("lola:32:8:lolcats").lola_settings().mixing == "lolcats"
     assert CacheSpec.parse("full").lola_settings() is None
+    for text in ("lola:64:768:kv_max", "lola:64:256:lola_code:kv_mean"):
+        assert CacheSpec.parse(text).label == text
+    assert CacheSpec.parse("lola:64:256:kv_max:lola_code").label == "lola:64:256:lola_code:kv_max"  # any order
+    settings = CacheSpec.parse("lola:64:768:kv_max").lola_settings()
+    assert (settings.gqa_selection, settings.mixing) == ("kv_max", "auto")
 
 
 def test_bad_cache_specs_name_the_problem():
@@ -21,3 +26,19 @@ def test_bad_cache_specs_name_the_problem():
         CacheSpec.parse("lola:64")
     with pytest.raises(ConfigError, match="mixing='softmax'.*'auto', 'lolcats', 'lola_code'"):
         CacheSpec.parse("lola:64:8:softmax")
+
+
+def test_gqa_selection_counts_in_the_bytes():
+    """A KV-head selection stores the cache once per KV head: 'lola:W:3G:kv_max' on a 3-query-heads-per-KV-head
+    model holds as many cache pairs as 'lola:W:G' (the budget helper and the closed form agree)."""
+    from transformers import LlamaConfig
+
+    from lola_eval.baselines import lola_budget_bytes
+
+    config = LlamaConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=32, vocab_size=100)
+    per_query_head = lola_budget_bytes(config, "lola:16:8", 2)
+    per_kv_head = lola_budget_bytes(config, "lola:16:24:kv_max", 2)
+    assert per_kv_head == per_query_head  # 6 query heads x 8 slots = 2 KV heads x 24 slots (k, v, positions)
+    assert lola_budget_bytes(config, "lola:16:8:kv_mean", 2) < per_query_head
+
