@@ -17,7 +17,8 @@ def suite_argv(recipe) -> list[str]:
         raise ValueError("stage eval needs a model with a tokenizer: model.name_or_path (the teacher); a random "
                          "model (model.random) cannot be evaluated on text tasks")
     argv = ["--teacher", recipe.model.name_or_path, "--linearized", str(model_dir),
-            "--caches", ",".join(e.caches), "--parts", ",".join(e.parts),
+            "--caches", ",".join(e.caches), "--teacher-caches", ",".join(e.teacher_caches),
+            "--parts", ",".join(e.parts),
             "--passkey-lengths", ",".join(str(x) for x in e.passkey_lengths), "--passkey-n", str(e.passkey_n),
             "--tasks", ",".join(e.tasks), "--limit", str(e.limit), "--out", str(out / "eval")]
     return argv + (["--quick"] if e.quick else [])

@@ -121,10 +121,13 @@ class ExportSection:
 @dataclass
 class EvalSection:
     """Stage 'eval': ``python -m lola_eval.suite`` on the exported checkpoint (<output_dir>/export/model) against
-    the teacher (model.name_or_path); results in <output_dir>/eval. caches: 'full' or 'lola:W:G'."""
+    the teacher (model.name_or_path); results in <output_dir>/eval. caches (the linearized model's): 'full',
+    'lola:W:G[:fusion][:gqa]' or 'window:W'; teacher_caches: 'full' and the equal-memory KV-cache baselines
+    'sink:S:W', 'tova:N', 'sink@lola:W:G', 'tova@lola:W:G' (lola_eval.baselines)."""
 
     parts: List[str] = field(default_factory=lambda: ["passkey", "lm_eval", "perplexity"])
     caches: List[str] = field(default_factory=lambda: ["lola:64:0", "lola:64:64", "lola:64:256"])
+    teacher_caches: List[str] = field(default_factory=lambda: ["full"])
     passkey_lengths: List[int] = field(default_factory=lambda: [1024, 2048, 4096])
     passkey_n: int = 20
     tasks: List[str] = field(default_factory=lambda: ["piqa_local", "arc_easy_local"])
@@ -204,14 +207,22 @@ def validate_data(d: DataSection) -> None:
 
 
 def validate_eval(e: EvalSection) -> None:
-    import re
+    from lola_eval.loading import CacheSpec
 
     for part in e.parts:
         check_choice("eval.parts[]", part, EVAL_PARTS)
-    for cache in e.caches:
-        if cache != "full" and not re.fullmatch(r"lola:[1-9]\d*:\d+(:lolcats|:lola_code)?", cache):
-            raise ConfigError(f"eval.caches[]={cache!r} is not valid; use 'full' or 'lola:W:G[:MIXING]' (window "
-                              "W >= 1, global cache G >= 0, mixing lolcats or lola_code), e.g. lola:64:256")
+    for key, caches, teacher in (("eval.caches", e.caches, False), ("eval.teacher_caches", e.teacher_caches, True)):
+        for cache in caches:
+            try:
+                spec = CacheSpec.parse(cache)
+            except ValueError as err:
+                raise ConfigError(f"{key}[]={cache!r} is not valid: {err}") from None
+            if teacher and spec.needs_linearized:
+                raise ConfigError(f"{key}[]={cache!r} needs a linearized model; the teacher takes 'full' and the "
+                                  "KV-cache baselines sink:S:W, tova:N, sink@lola:W:G, tova@lola:W:G")
+            if not teacher and spec.is_baseline:
+                raise ConfigError(f"{key}[]={cache!r} is a KV-cache baseline for the teacher: put it in "
+                                  "eval.teacher_caches; the linearized model takes full, lola:W:G or window:W")
     for length in e.passkey_lengths:
         check_positive("eval.passkey_lengths[]", length)
     check_positive("eval.passkey_n", e.passkey_n)

@@ -230,10 +230,12 @@ def test_recipe_eval_section_and_stage_argv(tmp_path):
     from lola_train.recipe import load_recipe
 
     r = load_recipe(["recipe=smollm2", f"output_dir={tmp_path}", "stages=[export,eval]", "eval.passkey_n=4",
-                     "eval.caches=[full,lola:64:8,lola:64:8:lola_code]", "eval.quick=true"])
+                     "eval.caches=[full,lola:64:8,lola:64:8:lola_code,window:64]", "eval.quick=true",
+                     "eval.teacher_caches=[full,sink@lola:64:8,tova:100]"])
     argv = suite_argv(r)
+    assert argv[argv.index("--teacher-caches") + 1] == "full,sink@lola:64:8,tova:100"
     assert argv[argv.index("--linearized") + 1] == str(tmp_path / "export" / "model")
-    assert argv[argv.index("--caches") + 1] == "full,lola:64:8,lola:64:8:lola_code" and "--quick" in argv
+    assert argv[argv.index("--caches") + 1] == "full,lola:64:8,lola:64:8:lola_code,window:64" and "--quick" in argv
     assert argv[argv.index("--passkey-n") + 1] == "4"
     with pytest.raises(FileNotFoundError, match="run the export stage first"):
         stage_eval(r)
@@ -241,6 +243,10 @@ def test_recipe_eval_section_and_stage_argv(tmp_path):
         load_recipe(["recipe=smollm2", "eval.caches=[lola:64]"])
     with pytest.raises(ConfigError, match="eval.caches"):
         load_recipe(["recipe=smollm2", "eval.caches=[lola:64:8:fast]"])
+    with pytest.raises(ConfigError, match="eval.caches.*teacher_caches"):
+        load_recipe(["recipe=smollm2", "eval.caches=[tova:100]"])
+    with pytest.raises(ConfigError, match="eval.teacher_caches.*linearized"):
+        load_recipe(["recipe=smollm2", "eval.teacher_caches=[lola:64:8]"])
     with pytest.raises(ConfigError, match="eval.parts"):
         load_recipe(["recipe=smollm2", "eval.parts=[mmlu]"])
     with pytest.raises(ValueError, match="model.name_or_path"):
