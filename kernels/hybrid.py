@@ -259,6 +259,25 @@ def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, Y, DEN, M, AM,
 
 
 @triton.jit
+def _softmax_tile_dq(q, k, pos, visible, da, m, am, sigma, scale, dsig, dm, dq, kmax,
+                     MIXING: tl.constexpr, PREC: tl.constexpr):
+    """The softmax-key part of the dq pass for one tile of keys k [T, DH] at positions pos [T] (visible [C, T]
+    for the C queries of the block), with da = g v^T + delta [C, T]: adds to dsig, dm, dq and, for 'lolcats'
+    (MIXING 0), kmax (the key at each row's max). Used for the window tiles and the sink tile.
+    Returns (p, t, dsig, dm, dq, kmax) with p = e^{s - m} on the visible keys and t = sigma p da."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    p = tl.exp(tl.where(visible, s - m[:, None], float("-inf")))
+    t = p * da
+    dsig += tl.sum(t, 1)
+    t = sigma * t
+    dm += tl.sum(t, 1)
+    dq += tl.dot(t, k, input_precision=PREC)
+    if MIXING == 0:
+        kmax += tl.dot(tl.where(pos[None, :] == am[:, None], 1.0, 0.0), k, input_precision=PREC)
+    return p, t, dsig, dm, dq, kmax
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, DO, RDEN, DELTA, M, AM,
                         DQ, DFQ, DM, DSIG, DELL, DKS, DVS,
                         Lq, Lk, H, G, NB, n0, P, W, SHIFT, NS, scale, d, D,
@@ -320,16 +339,8 @@ def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, DO, RDEN, DEL
         if has_win:
             k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
                         other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            pw = tl.exp(tl.where(win, s - m[:, None], float("-inf")))
-            t = pw * da
-            dsig += tl.sum(t, 1)
-            t = sigma * t
-            dm += tl.sum(t, 1)
-            dq += tl.dot(t, k, input_precision=PREC)
-            if MIXING == 0:
-                onehot = tl.where(j[None, :] == am[:, None], 1.0, 0.0)
-                kmax += tl.dot(onehot, k, input_precision=PREC)
+            _, _, dsig, dm, dq, kmax = _softmax_tile_dq(q, k, j, win, da, m, am, sigma, scale, dsig, dm, dq, kmax,
+                                                        MIXING, PREC)
         if has_lin:
             fk = tl.load(FK + bh * Lk * D + j[:, None] * D + cf[None, :], mask=key_ok[:, None] & f_ok[None, :],
                          other=0.0).to(tl.float32)
@@ -339,17 +350,11 @@ def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, DO, RDEN, DEL
             dfq += tl.dot(dal, fk, input_precision=PREC)
     if SB > 0:  # the sink tile: after the window loop, so that dm (the max gradient) is complete
         sp, vis, ks, vs = _sink_tile(K, V, SINK, kv_off, b, p, Lk, NS, d, cd, d_ok, SB)
-        s_snk = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale
-        p_snk = tl.exp(tl.where(vis, s_snk - m[:, None], float("-inf")))
-        t_snk = p_snk * (tl.dot(g, tl.trans(vs), input_precision=PREC) + delta[:, None])
-        dsig += tl.sum(t_snk, 1)
-        t_snk = sigma * t_snk
-        dm += tl.sum(t_snk, 1)
-        dq += tl.dot(t_snk, ks, input_precision=PREC)
+        da_snk = tl.dot(g, tl.trans(vs), input_precision=PREC) + delta[:, None]
+        p_snk, t_snk, dsig, dm, dq, kmax = _softmax_tile_dq(q, ks, sp, vis, da_snk, m, am, sigma, scale, dsig, dm,
+                                                            dq, kmax, MIXING, PREC)
         if MIXING == 0:
-            hot_snk = tl.where(sp[None, :] == am[:, None], 1.0, 0.0)
-            kmax += tl.dot(hot_snk, ks, input_precision=PREC)
-            t_snk = t_snk - hot_snk * dm[:, None]
+            t_snk = t_snk - tl.where(sp[None, :] == am[:, None], 1.0, 0.0) * dm[:, None]
         # this query block's share of the sink keys' gradients (rows outside the queries have g = delta = 0)
         dks = tl.dot(tl.trans(t_snk), q, input_precision=PREC) * scale
         dvs = tl.dot(tl.trans(sigma * p_snk), g, input_precision=PREC)
