@@ -92,7 +92,7 @@ def lola_budget_bytes(config, lola_spec: str, dtype_bytes: int, attention=None) 
     ``LolaLayer`` allocates it (k/v in the model dtype, H and s in fp32). ``attention``: the linearized model's
     attention config (feature width, trained window); default ``AttentionConfig()`` (the smollm2 recipe's)."""
     from lola_train.modeling.attention_config import AttentionConfig
-    from lola_train.modeling.lola_cache import LolaCacheConfig, lola_bytes_per_sequence
+    from lola_train.modeling.lola_cache import lola_bytes_per_sequence
 
     from .loading import CacheSpec
 
@@ -104,8 +104,7 @@ def lola_budget_bytes(config, lola_spec: str, dtype_bytes: int, attention=None) 
         raise ValueError(f"budget {lola_spec!r} is not valid; give a LoLA cache spec such as lola:64:256")
     attention = AttentionConfig.coerce(attention if attention is not None else
                                        getattr(config, "lola_attention", None) or {})
-    settings = LolaCacheConfig(window=spec.window, global_size=spec.global_size,
-                               gqa_selection=spec.gqa).resolve(attention)
+    settings = spec.lola_settings().resolve(attention)
     s = kv_shape(config)
     return lola_bytes_per_sequence(num_layers=s["layers"], num_heads=s["heads"], num_kv_heads=s["kv_heads"],
                                    head_dim=s["head_dim"],

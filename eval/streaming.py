@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from lola_train.modeling.lola_cache import LolaCacheConfig, kv_bytes_per_sequence, lola_bytes_per_sequence
+from lola_train.modeling.lola_cache import kv_bytes_per_sequence, lola_bytes_per_sequence
 from lola_train.modeling.attention_config import AttentionConfig
 
 from .loading import CacheSpec
@@ -87,8 +87,7 @@ def estimate_cache_bytes(model: nn.Module, spec: CacheSpec, context: int) -> int
         return min(context, kept) * pair_bytes(model.config, dtype_bytes(model))
     attention = AttentionConfig.coerce(model.config.lola_attention)
     feature_width = attention.feature_dim * (2 if attention.fullspace else 1)
-    settings = LolaCacheConfig(window=spec.window, global_size=spec.global_size,
-                               gqa_selection=spec.gqa).resolve(attention)
+    settings = spec.lola_settings().resolve(attention)
     return lola_bytes_per_sequence(num_layers=s["num_layers"], num_heads=s["num_heads"],
                                    num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
                                    feature_width=feature_width, settings=settings, dtype_bytes=dtype_bytes(model),

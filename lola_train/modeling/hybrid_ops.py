@@ -128,9 +128,10 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def decay_weights(decay: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-    """gamma_h^distance for decay [H] and integer distances [...] >= 0 -> [H, ...] float32."""
-    shape = (-1,) + (1,) * distance.dim()
+def decay_weights(decay: torch.Tensor, distance: torch.Tensor, head_axis: int = 0) -> torch.Tensor:
+    """gamma_h^distance (float32; negative distances count as 0) for decay [H] and integer distances: [...] ->
+    [H, ...] with head_axis 0; distances [B, H or 1, ...] -> [B, H, ...] with head_axis 1."""
+    shape = (-1,) + (1,) * distance.dim() if head_axis == 0 else (1, -1) + (1,) * (distance.dim() - 2)
     return torch.exp(distance.float().clamp_min(0) * torch.log(decay.float()).view(shape))
 
 

@@ -43,10 +43,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from .attention_config import AttentionConfig, ConfigError, check_choice, check_positive, from_mapping
-from .hybrid_ops import MIXINGS, mixing_weights
-from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, decay_power, evict_before, expand_heads,
-                       grouped_matmul, in_window, lola_attend, lola_kernels_for, recent_capacity, select_and_fold,
-                       take_rows)
+from .hybrid_ops import MIXINGS, decay_weights, mixing_weights
+from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, evict_before, expand_heads, grouped_matmul,
+                       in_window, lola_attend, lola_kernels_for, recent_capacity, select_and_fold, take_rows)
 
 
 @dataclass
@@ -459,10 +458,10 @@ class LolaLayer(CacheLayerMixin):
             fk = attn.feature_map_k(expand_heads(band_k[:, :, lo:hi], h)).float()
             a = (fq @ fk.transpose(-1, -2)).mul_(lin[:, None, None, lo:hi].float())
             if gamma is not None:  # gamma^(r - j) [B,H,1,hi-lo]
-                a.mul_(decay_power(gamma, (r1[:, None] - 1 - k_real[:, lo:hi])[:, None, None]))
+                a.mul_(decay_weights(gamma, (r1[:, None] - 1 - k_real[:, lo:hi])[:, None, None], head_axis=1))
             lin_num, lin_den = grouped_matmul(a, band_v[:, :, lo:hi].float()), a.sum(-1)
         if gamma is not None:  # gamma^(r - state_at) phi_q(q_r) reads the state referenced to its last update
-            fq = fq * decay_power(gamma, (r1 - 1 - self.state_at)[:, None, None, None])
+            fq = fq * decay_weights(gamma, (r1 - 1 - self.state_at)[:, None, None, None], head_axis=1)
         local_k, local_v, mask = band_k, band_v, soft[:, None, None, :]
         if self.sinks:  # all S sinks are filled (r1 > S)
             local_k, local_v = torch.cat([self.sink_k, band_k], dim=2), torch.cat([self.sink_v, band_v], dim=2)
@@ -565,10 +564,11 @@ class LolaLayer(CacheLayerMixin):
         gamma, fold_weight = attn.decay(), None
         if gamma is not None:  # age the state to this update, fold each pair with gamma^(u - j) (lola_ops)
             u = sel(at)
-            age = decay_power(gamma, (u - sel(self.state_at))[:, None])                  # [B',H]
+            age = decay_weights(gamma, (u - sel(self.state_at))[:, None], head_axis=1)     # [B',H]
             h_state.mul_(age[..., None, None])
             s_state.mul_(age[..., None])
-            fold_weight = decay_power(gamma, expand_heads(u[:, None, None] - cand["pos"].long(), h_state.shape[1]))
+            fold_weight = decay_weights(gamma, expand_heads(u[:, None, None] - cand["pos"].long(), h_state.shape[1]),
+                                        head_axis=1)
         select_and_fold(cand["k"], cand["v"], cand["pos"], cand["fk"], h_state, s_state, global_size=g,
                         gqa_selection=cfg.gqa_selection, eps=cfg.eps, backend=attn.attention_config.backend,
                         fold_weight=fold_weight)
@@ -619,11 +619,12 @@ class LolaLayer(CacheLayerMixin):
             fk_band = _segments(_take(fk_ext, src.view(b, m, r)[:, :, lo:hi].reshape(b, -1)), m)
             a = (fq_seg @ fk_band.transpose(-1, -2)).mul_(per_segment_mask(lin[..., lo:hi]).float())
             if gamma is not None:  # gamma^(r - j) per (query, key) [M*B,H,Q,hi-lo]
-                a.mul_(decay_power(gamma, per_segment_mask(q_real[..., None] - k_real[:, :, None, lo:hi])))
+                dist = per_segment_mask(q_real[..., None] - k_real[:, :, None, lo:hi])
+                a.mul_(decay_weights(gamma, dist, head_axis=1))
             lin_num, lin_den = grouped_matmul(a, v_band[:, :, lo:hi].float()), a.sum(-1)
         if gamma is not None:  # the state is referenced to its last update: gamma^(r - state_at) phi_q(q_r)
             ages = q_real - snapshots["state_at"].t()[:, :, None]                               # [B,M,Q]
-            fq_seg = fq_seg * decay_power(gamma, per_segment_mask(ages[..., None]))            # [M*B,H,Q,D]
+            fq_seg = fq_seg * decay_weights(gamma, per_segment_mask(ages[..., None]), head_axis=1)  # [M*B,H,Q,D]
 
         local_k, local_v, mask = k_band, v_band, per_segment_mask(soft)
         if self.sinks:  # sink j (real position j) is visible to queries at or after it

@@ -56,7 +56,7 @@ import math
 
 import torch
 
-from .hybrid_ops import MIXINGS
+from .hybrid_ops import MIXINGS, decay_weights
 
 WINDOW_MODES = ("sliding", "tk", "chunk")
 GQA_SELECTIONS = ("query_head", "kv_mean", "kv_max")
@@ -166,13 +166,6 @@ def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, 
         if not lola_kernels_ok(kernels, x.device, head_dim, feature_width):
             return None
     return kernels
-
-
-def decay_power(decay: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-    """gamma_h^distance for decay [H] and integer distances [B, H or 1, ...] (negative distances count as 0)
-    -> [B, H, ...] float32."""
-    shape = (1, -1) + (1,) * (distance.dim() - 2)
-    return torch.exp(distance.float().clamp_min(0) * torch.log(decay.float()).view(shape))
 
 
 def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, global_size: int,
@@ -357,8 +350,8 @@ def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int
     key_mask [B,L] (True = real token). Each row's real tokens are taken out of the padding and numbered 0, 1, ...;
     the cache is updated before real query u for every u in ``update_positions`` (default: the multiples of
     ``chunk_size``). 'tk' aligns its blocks to the row's number of real tokens. ``decay`` gamma [H] weighs the
-    linear term of query r and key j by gamma^(r - j), and the state scored at update u by gamma^(u - j). Returns (y [B,H,L,d] float32, 0 at
-    padding; cached [B,H,L] bool: in the sparse cache after the last update).
+    linear term of query r and key j by gamma^(r - j), and the state scored at update u by gamma^(u - j).
+    Returns (y [B,H,L,d] float32, 0 at padding; cached [B,H,L] bool: in the sparse cache after the last update).
     """
     b, h, length, d = q.shape
     groups = h // k.shape[1]
@@ -390,7 +383,7 @@ def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates,
     def aged(distance):  # gamma^distance [H, ...] (1 without decay)
         if decay is None:
             return torch.ones((h,) + distance.shape, device=q.device)
-        return decay_power(decay, distance[None, None])[0]
+        return decay_weights(decay, distance)
 
     sink = pos < sink_tokens                                                   # [n]
     cached = torch.zeros(h, n, dtype=torch.bool, device=q.device)
