@@ -109,7 +109,8 @@ def lola_budget_bytes(config, lola_spec: str, dtype_bytes: int, attention=None) 
     return lola_bytes_per_sequence(num_layers=s["layers"], num_heads=s["heads"], num_kv_heads=s["kv_heads"],
                                    head_dim=s["head_dim"],
                                    feature_width=attention.feature_dim * (2 if attention.fullspace else 1),
-                                   settings=settings, dtype_bytes=dtype_bytes, sink_tokens=attention.sink_tokens)
+                                   settings=settings, dtype_bytes=dtype_bytes, sink_tokens=attention.sink_tokens,
+                                   feature_map_rope=attention.feature_map_rope)
 
 
 def size_to_budget(kind: str, config, budget_bytes: int, dtype_bytes: int, *, sinks: int = DEFAULT_SINKS) -> str:

@@ -47,13 +47,14 @@ from lola_train.modeling.attention_config import AttentionConfig
 from lola_train.modeling.lola_cache import LolaCacheConfig
 from lola_train.modeling.lola_ops import GQA_SELECTIONS
 
-CACHE_RE = re.compile(r"^lola:(\d+):(\d+)((?::[a-z_]+){0,2})$")
+CACHE_RE = re.compile(r"^lola:(\d+):(\d+)((?::(?:[a-z_]+|dedup[0-9.]+)){0,3})$")
 WINDOW_RE = re.compile(r"^window:(\d+)$")
 SINK_RE = re.compile(r"^sink:(\d+):(\d+)(:orig)?$")
 TOVA_RE = re.compile(r"^tova:(\d+)$")
-BUDGET_RE = re.compile(r"^(sink|tova)@(lola:\d+:\d+(?::[a-z_]+){0,2})$")
-SPEC_HELP = ("use 'full' (growing KV cache), 'lola:W:G[:fusion][:gqa]' (LoLA: window W, G global pairs; fusion "
-             "lolcats | lola_code, default the trained one; gqa query_head (default) | kv_mean | kv_max), 'window:W' "
+BUDGET_RE = re.compile(r"^(sink|tova)@(lola:\d+:\d+(?::(?:[a-z_]+|dedup[0-9.]+)){0,3})$")
+SPEC_HELP = ("use 'full' (growing KV cache), 'lola:W:G[:fusion][:gqa][:dedupT]' (LoLA: window W, G global pairs; "
+             "fusion lolcats | lola_code, default the trained one; gqa query_head (default) | kv_mean | kv_max; "
+             "dedupT: value-deduplicated selection at cosine threshold T, e.g. dedup0.98), 'window:W' "
              "(linearized, linear branch off), 'sink:S:W[:orig]' (StreamingLLM: S sinks + W recent), 'tova:N' "
              "(TOVA eviction, N pairs per KV head) or 'sink@lola:W:G' / 'tova@lola:W:G' (sized to that LoLA cache's "
              "bytes), e.g. lola:64:256, lola:64:256:lola_code or sink@lola:64:256")
@@ -64,7 +65,8 @@ class CacheSpec:
     """One cache of the evaluation (see the module docstring). kind: full | lola | window | sink | tova.
 
     lola / window: ``window`` W, ``global_size`` G (0 for window), ``mixing``, ``gqa`` (the cache's GQA selection:
-    per query head, or one per KV head by mean / max score, stored once per KV head). sink: ``sinks`` S, ``window`` W,
+    per query head, or one per KV head by mean / max score, stored once per KV head), ``dedup`` (0 or the cosine
+    threshold of value-deduplicated selection, ``LolaCacheConfig.dedup``). sink: ``sinks`` S, ``window`` W,
     ``positions`` ('cache' or 'original'). tova: ``global_size`` N (pairs per KV head). ``budget`` (sink / tova
     before :meth:`resolve`): the LoLA spec whose bytes the baseline is sized to."""
 
@@ -76,6 +78,7 @@ class CacheSpec:
     positions: str = "cache"
     budget: Optional[str] = None
     gqa: str = "query_head"
+    dedup: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> "CacheSpec":
@@ -101,16 +104,22 @@ class CacheSpec:
         m = CACHE_RE.match(text)
         if not m:
             raise ValueError(f"cache spec {text!r} is not valid; {SPEC_HELP}")
-        window, g, mixing, gqa = int(m.group(1)), int(m.group(2)), "auto", "query_head"
-        for part in filter(None, m.group(3).split(":")):  # a fusion and/or a GQA selection, in any order
+        window, g, mixing, gqa, dedup = int(m.group(1)), int(m.group(2)), "auto", "query_head", 0.0
+        for part in filter(None, m.group(3).split(":")):  # a fusion, a GQA selection, a dedup, in any order
             if part in GQA_SELECTIONS:
                 gqa = part
+            elif part.startswith("dedup"):
+                try:
+                    dedup = float(part[len("dedup"):])
+                except ValueError:
+                    raise ValueError(f"cache spec {text!r}: {part!r} is not dedupT with a number T, e.g. "
+                                     "dedup0.98") from None
             else:
                 mixing = part
         if window < 1:
             raise ValueError(f"cache spec {text!r}: the window W must be >= 1")
-        LolaCacheConfig(window=window, global_size=g, mixing=mixing, gqa_selection=gqa)  # names a bad fusion
-        return cls("lola", window, g, mixing, gqa=gqa)
+        LolaCacheConfig(window=window, global_size=g, mixing=mixing, gqa_selection=gqa, dedup=dedup)  # names errors
+        return cls("lola", window, g, mixing, gqa=gqa, dedup=dedup)
 
     @property
     def label(self) -> str:
@@ -125,7 +134,7 @@ class CacheSpec:
         if self.kind == "tova":
             return f"tova:{self.global_size}"
         suffix = ("" if self.mixing == "auto" else f":{self.mixing}") + \
-            ("" if self.gqa == "query_head" else f":{self.gqa}")
+            ("" if self.gqa == "query_head" else f":{self.gqa}") + ("" if not self.dedup else f":dedup{self.dedup:g}")
         return f"lola:{self.window}:{self.global_size}{suffix}"
 
     @property
@@ -152,7 +161,7 @@ class CacheSpec:
     def lola_settings(self) -> Optional[LolaCacheConfig]:
         if self.kind == "lola":
             return LolaCacheConfig(window=self.window, global_size=self.global_size, mixing=self.mixing,
-                                   gqa_selection=self.gqa)
+                                   gqa_selection=self.gqa, dedup=self.dedup)
         if self.kind == "window":
             return LolaCacheConfig(window=self.window, global_size=0)
         return None

@@ -72,10 +72,12 @@ def token_windows(tokenizer, text: str, seq_len: int, n_seq: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def token_nll(model, ids: torch.Tensor, *, chunk: int = 512) -> tuple[torch.Tensor, int]:
+def token_nll(model, ids: torch.Tensor, *, chunk: int = 512, position_offset: int = 0) -> tuple[torch.Tensor, int]:
     """(NLL [L] float64, cache bytes per sequence at the end) for one window ids [1, L] streamed through a fresh
     cache (``lola_eval.streaming.new_cache``; at most the cache's ``block_size`` tokens per forward). Entry i is the
-    NLL of predicting token i from tokens < i; entry 0 is 0 (nothing predicts it)."""
+    NLL of predicting token i from tokens < i; entry 0 is 0 (nothing predicts it). ``position_offset`` N: the
+    window's RoPE positions are N, N+1, ... (a softmax model is invariant to it; a model whose linear terms depend on
+    absolute positions is not)."""
     from .streaming import block_limit, cache_nbytes, new_cache
 
     cache = new_cache(model)
@@ -84,7 +86,10 @@ def token_nll(model, ids: torch.Tensor, *, chunk: int = 512) -> tuple[torch.Tens
     prev_last = None
     for a in range(0, ids.shape[1], chunk):
         part = ids[:, a:a + chunk]
-        logits = model(input_ids=part, cache=cache, use_cache=True).logits.float()
+        extra = {}
+        if position_offset:
+            extra["position_ids"] = torch.arange(a, a + part.shape[1])[None] + position_offset
+        logits = model(input_ids=part, cache=cache, use_cache=True, **extra).logits.float()
         if prev_last is not None:  # the previous chunk's last position predicts this chunk's first token
             nll[a] = F.cross_entropy(prev_last, part[:, 0]).double()
         if part.shape[1] > 1:
@@ -100,18 +105,19 @@ def sequence_nll(model, ids: torch.Tensor, *, chunk: int = 512) -> tuple[float, 
     return float(nll[1:].sum()), ids.shape[1] - 1, nbytes
 
 
-def perplexity(model, windows: torch.Tensor, *, chunk: int = 512) -> dict:
+def perplexity(model, windows: torch.Tensor, *, chunk: int = 512, position_offset: int = 0) -> dict:
     """{'ppl', 'nll', 'tokens', 'cache_bytes_per_seq', 'seconds', 'buckets'} over the windows [N, L].
 
     buckets: {name: {'nll', 'ppl', 'tokens'}} by position of the predicted token
-    (``lola_train.metrics_buckets.position_buckets``: 0-256, 256-512, 512-1K, 1K-2K, 2K-4K, 4K-8K, ...)."""
+    (``lola_train.metrics_buckets.position_buckets``: 0-256, 256-512, 512-1K, 1K-2K, 2K-4K, 4K-8K, ...), counted
+    in the window (``position_offset``: :func:`token_nll`)."""
     from lola_train.metrics_buckets import bucket_sums, merge_bucket_sums
 
     t0 = time.perf_counter()
     total, count, nbytes = 0.0, 0, 0
     sums: dict = {}
     for row in windows:
-        nll, b = token_nll(model, row[None], chunk=chunk)
+        nll, b = token_nll(model, row[None], chunk=chunk, position_offset=position_offset)
         mask = torch.ones_like(nll, dtype=torch.bool)
         mask[0] = False
         merge_bucket_sums(sums, bucket_sums(nll, mask))
@@ -137,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--n-seq", type=int, default=4)
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--position-offset", type=int, default=0,
+                   help="start each window's RoPE positions at N (a position-robustness check: the teacher's "
+                        "perplexity does not change; a model that depends on absolute positions degrades)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="results/perplexity.json")
     args = p.parse_args(argv)
@@ -145,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.position_offset < 0:
+        raise SystemExit(f"--position-offset={args.position_offset} is not valid; give an integer >= 0")
     specs = [CacheSpec.parse(c) for c in args.caches.split(",") if c.strip()]
     text = held_out_text(args.text)
     rows = []
@@ -158,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue  # LoLA / window caches apply to linearized models, baselines to the teacher
             applied = set_cache(model, spec)
             r = {"model": label, "source": source, "cache": applied.label, "requested_cache": spec.label,
-                 **perplexity(model, windows, chunk=args.chunk)}
+                 "position_offset": args.position_offset,
+                 **perplexity(model, windows, chunk=args.chunk, position_offset=args.position_offset)}
             print(f"  {label:<12} {applied.label:<14} ppl={r['ppl']:.3f} over {r['tokens']} tokens "
                   f"cache={r['cache_bytes_per_seq'] / 2**20:.2f} MiB/seq  {r['seconds']:.0f}s\n"
                   f"      by position: {format_buckets(r['buckets'])}")

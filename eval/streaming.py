@@ -76,9 +76,13 @@ def estimate_cache_bytes(model: nn.Module, spec: CacheSpec, context: int) -> int
     the KV cache for 'full' (also what a linearized model keeps under a DynamicCache), the kept pairs of a baseline
     (sink / tova), the constant LoLA state otherwise ('window:W' holds the LoLA G=0 state)."""
     s = _shape(model)
+    attention = getattr(model.config, "lola_attention", None)
     if spec.kind == "full":
-        return kv_bytes_per_sequence(num_layers=s["num_layers"], num_kv_heads=s["num_kv_heads"],
-                                     head_dim=s["head_dim"], context=context, dtype_bytes=dtype_bytes(model))
+        kv = kv_bytes_per_sequence(num_layers=s["num_layers"], num_kv_heads=s["num_kv_heads"],
+                                   head_dim=s["head_dim"], context=context, dtype_bytes=dtype_bytes(model))
+        if attention is not None and not AttentionConfig.coerce(attention).feature_map_rope:
+            kv = kv * 3 // 2  # a linearized model with unrotated feature maps caches [k | k_map] and v
+        return kv
     if spec.is_baseline:  # at rest: min(context, S + W) or min(context, N) pairs per KV head
         from .baselines import pair_bytes
 
@@ -91,7 +95,7 @@ def estimate_cache_bytes(model: nn.Module, spec: CacheSpec, context: int) -> int
     return lola_bytes_per_sequence(num_layers=s["num_layers"], num_heads=s["num_heads"],
                                    num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
                                    feature_width=feature_width, settings=settings, dtype_bytes=dtype_bytes(model),
-                                   sink_tokens=attention.sink_tokens)
+                                   sink_tokens=attention.sink_tokens, feature_map_rope=attention.feature_map_rope)
 
 
 @dataclass

@@ -2,7 +2,12 @@
 (SDPA) with transformers' DynamicCache. Prints markdown tables and writes JSON.
 
     python scripts/bench_lola.py --out bench_lola.json [--contexts 1024 16384 65536] [--prefill 512 2048 8192 32768]
-        [--batches 1 4] [--max-sdpa-seconds 240]
+        [--batches 1 4] [--max-sdpa-seconds 240] [--lola-cache 'window=64 global=768 gqa=kv_max dedup=0.98']
+        [--attention 'linear_decay=256 feature_map_rope=false sink_tokens=4 mixing=lola_code']
+
+``--lola-cache`` (a LoLA cache spec, default 'window=64 global=256') and ``--attention`` (key=value options of the
+conversion, on top of window 64 sw) set what the LoLA side runs; the weights are the untrained conversion either
+way (the cost does not depend on them).
 
 Every point runs in a fresh subprocess (honest peak RSS), with the same settings for LoLA and SDPA, so their ratio
 is fair even when the machine is shared. Three parts:
@@ -30,7 +35,8 @@ import subprocess
 import sys
 import time
 
-LOLA = dict(window=64, global_size=256)
+LOLA = os.environ.get("BENCH_LOLA_CACHE", "window=64 global=256")
+ATTENTION = os.environ.get("BENCH_ATTENTION", "")
 DECODE_TOKENS = 8
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))  # the CPU is shared: 1 thread avoids spin contention
 
@@ -49,8 +55,15 @@ def load(kind: str):
     torch.manual_seed(0)
     model, _ = load_model("embedded:smollm2")
     if kind == "lola":
-        convert(model, dict(window_size=64, window_layout="sw", chunk_size=64))
+        convert(model, dict(dict(window_size=64, window_layout="sw", chunk_size=64), **attention_options()))
     return model.eval()
+
+
+def attention_options() -> dict:
+    """``--attention 'k=v ...'`` as typed values (ints, floats, true/false/null)."""
+    import yaml
+
+    return {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in ATTENTION.split())}
 
 
 def point_decode(kind: str, context: int, batch: int) -> dict:
@@ -63,13 +76,14 @@ def point_decode(kind: str, context: int, batch: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         if kind == "lola":
-            cache = LolaCache(model.config, **LOLA)
+            cache = LolaCache(model.config, LOLA)
             model(ids, cache=cache)
             shift = context - 64
             for layer in cache.layers:  # as if `context` real tokens had been seen (fixed-size tensors)
                 layer.seen += shift
                 layer.real_seen += shift
                 layer.first_live += shift
+                layer.state_at += shift
                 layer.cache_pos += torch.where(layer.cache_pos >= 0, shift, 0).to(layer.cache_pos.dtype)
             cache_bytes = cache.nbytes()
         else:
@@ -107,7 +121,7 @@ def point_prefill(kind: str, length: int, batch: int, chunk: int) -> dict:
     with torch.no_grad():
         t = time.perf_counter()
         if kind == "lola":
-            prefill(model, ids, LolaCache(model.config, **LOLA), chunk_tokens=chunk)
+            prefill(model, ids, LolaCache(model.config, LOLA), chunk_tokens=chunk)
         else:
             model(ids, cache=DynamicCache(config=model.config), logits_to_keep=1)
         seconds = time.perf_counter() - t
@@ -146,8 +160,11 @@ def main() -> None:
     ap.add_argument("--max-gib", type=float, default=10.0)
     ap.add_argument("--max-sdpa-seconds", type=float, default=240.0)
     ap.add_argument("--sdpa-always-upto", type=int, default=8192, help="SDPA points up to this length always run")
+    ap.add_argument("--lola-cache", default=LOLA, help="LoLA cache spec of the lola side, e.g. 'window=64 global=256'")
+    ap.add_argument("--attention", default=ATTENTION, help="conversion options of the lola side, 'key=value ...'")
     ap.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["BENCH_LOLA_CACHE"], os.environ["BENCH_ATTENTION"] = args.lola_cache, args.attention  # for the points
     if args.point:
         part, kind, *rest = args.point
         if part == "decode":
@@ -199,7 +216,8 @@ def main() -> None:
     print(format_bytes_table(rows))
     results += [dict(part="bytes", **r) for r in rows]
     with open(args.out, "w") as f:
-        json.dump(dict(lola=LOLA, chunk=args.chunk, threads=THREADS, results=results), f, indent=2)
+        json.dump(dict(lola=args.lola_cache, attention=args.attention, chunk=args.chunk, threads=THREADS,
+                       results=results), f, indent=2)
     print(f"\nwrote {args.out}")
 
 

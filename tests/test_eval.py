@@ -200,6 +200,12 @@ def test_perplexity_streamed_equals_one_forward(tiny_dir, tokenizer):
     assert math.isfinite(r["ppl"]) and r["cache_bytes_per_seq"] == estimate_cache_bytes(lin, CacheSpec("lola", 16, 8), 0)
     with pytest.raises(ValueError, match="lower --seq-len"):
         token_windows(tokenizer, "short text", 96, 2)
+    shifted = perplexity(model, windows, chunk=40, position_offset=3000)  # softmax attention: relative positions
+    assert shifted["nll"] == pytest.approx(got["nll"], rel=1e-4)
+    unrotated, _ = load_source(f"convert:{tiny_dir}", attention=dict(ATTN, feature_map_rope=False))
+    set_cache(unrotated, CacheSpec.parse("full"))  # a DynamicCache of [k | k_map] and v
+    r = perplexity(unrotated, windows, chunk=40)
+    assert r["cache_bytes_per_seq"] == estimate_cache_bytes(unrotated, CacheSpec.parse("full"), 96)
 
 
 def test_suite_tables_from_parts(tiny_dir, tmp_path):

@@ -19,6 +19,9 @@ def test_cache_specs_round_trip():
     assert CacheSpec.parse("lola:64:256:kv_max:lola_code").label == "lola:64:256:lola_code:kv_max"  # any order
     settings = CacheSpec.parse("lola:64:768:kv_max").lola_settings()
     assert (settings.gqa_selection, settings.mixing) == ("kv_max", "auto")
+    spec = CacheSpec.parse("lola:64:768:dedup0.98:kv_max")
+    assert spec.label == "lola:64:768:kv_max:dedup0.98" and spec.lola_settings().dedup == 0.98
+    assert CacheSpec.parse("sink@lola:64:768:kv_max:dedup0.98").budget == "lola:64:768:kv_max:dedup0.98"
 
 
 def test_bad_cache_specs_name_the_problem():
@@ -26,6 +29,10 @@ def test_bad_cache_specs_name_the_problem():
         CacheSpec.parse("lola:64")
     with pytest.raises(ConfigError, match="mixing='softmax'.*'auto', 'lolcats', 'lola_code'"):
         CacheSpec.parse("lola:64:8:softmax")
+    with pytest.raises(ValueError, match="'dedup0.9.9' is not dedupT"):
+        CacheSpec.parse("lola:64:8:dedup0.9.9")
+    with pytest.raises(ConfigError, match="lola_cache.dedup"):
+        CacheSpec.parse("lola:64:8:dedup2")
 
 
 def test_gqa_selection_counts_in_the_bytes():

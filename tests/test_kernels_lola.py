@@ -249,8 +249,9 @@ def test_select_and_fold_dispatch_matches_torch():
 
 def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
     """A tiny LolaLayer run (a batched prefill over 3 chunks with cache updates, then decode steps; left padding;
-    sinks in the second run, a linear decay in the third) with attention.backend 'triton' (the kernels, counted)
-    against 'chunked'."""
+    sinks in the second run, a linear decay in the third, feature maps of other keys (feature_map_rope false) and
+    value-deduplicated selection in the fourth) with attention.backend 'triton' (the kernels, counted) against
+    'chunked'."""
     from lola_train.convert import convert
     from lola_train.models import load_model
     from lola_train.modeling.lola_cache import LolaCacheConfig, LolaLayer
@@ -269,6 +270,8 @@ def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
     q = torch.randn(2, h, length, d, generator=g).to(DEVICE)
     k = torch.randn(2, hk, length, d, generator=g).to(DEVICE)
     v = torch.randn(2, hk, length, d, generator=g).to(DEVICE)
+    q_map = torch.randn(2, h, length, d, generator=g).to(DEVICE)
+    k_map = torch.randn(2, hk, length, d, generator=g).to(DEVICE)
     mask = torch.ones(2, length, dtype=torch.bool, device=DEVICE)
     mask[1, :3] = False  # left padding
 
@@ -282,26 +285,34 @@ def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
         monkeypatch.setattr(kl, name, counted)
 
     results = {}
-    runs = (("lolcats", "query_head", 0, None), ("lola_code", "kv_max", 2, None), ("lola_code", "query_head", 2, 0.8))
-    for mixing, gqa, sinks, gamma in runs:  # gamma: a trained linear decay (folds weighted by gamma^age)
-        settings = LolaCacheConfig(window=w, global_size=3, chunk_size=w, mixing=mixing, gqa_selection=gqa)
+    runs = (("lolcats", "query_head", 0, None, True), ("lola_code", "kv_max", 2, None, True),
+            ("lola_code", "query_head", 2, 0.8, True), ("lola_code", "kv_max", 2, 0.8, False))
+    for mixing, gqa, sinks, gamma, rope in runs:  # gamma: a trained linear decay (folds weighted by gamma^age)
+        settings = LolaCacheConfig(window=w, global_size=3, chunk_size=w, mixing=mixing, gqa_selection=gqa,
+                                   dedup=0.0 if rope else 0.98)
         monkeypatch.setattr(attn.attention_config, "sink_tokens", sinks)
+        monkeypatch.setattr(attn.attention_config, "feature_map_rope", rope)
+        maps = {} if rope else dict(q_map=q_map, k_map=k_map)
+
+        def part(m, a, b):
+            return {name: x[:, :, a:b] for name, x in m.items()}
         attn.decay_factors = None if gamma is None else torch.nn.Parameter(
             torch.logit(torch.full((h,), gamma, device=DEVICE)))
         for backend in ("chunked", "triton"):
             monkeypatch.setattr(attn.attention_config, "backend", backend)
             lay = LolaLayer(settings)
             with torch.no_grad():
-                ys = [lay.attend(attn, q[:, :, :11], k[:, :, :11], v[:, :, :11], mask[:, :11])]
+                ys = [lay.attend(attn, q[:, :, :11], k[:, :, :11], v[:, :, :11], mask[:, :11], **part(maps, 0, 11))]
                 for t in range(11, length):  # decode steps
-                    ys.append(lay.attend(attn, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], mask[:, t:t + 1]))
+                    ys.append(lay.attend(attn, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], mask[:, t:t + 1],
+                                         **part(maps, t, t + 1)))
             results[backend] = (torch.cat(ys, 2), lay)
         (y0, lay0), (y1, lay1) = results["chunked"], results["triton"]
         assert_close(y1, y0, 5e-5, f"y ({mixing})")
         assert torch.equal(lay0.cache_pos, lay1.cache_pos)
         assert_close(lay1.h_state, lay0.h_state, 5e-5, "H")
         assert_close(lay1.s_state, lay0.s_state, 5e-5, "s")
-    assert calls.get("lola_attend_triton", 0) >= 3 * 5, calls  # 1 batched prefill + 4 decode steps per run
+    assert calls.get("lola_attend_triton", 0) >= 4 * 5, calls  # 1 batched prefill + 4 decode steps per run
     assert calls.get("self_recall_error_triton", 0) > 0 and calls.get("fold_triton", 0) > 0, calls
 
 

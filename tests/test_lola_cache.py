@@ -80,7 +80,8 @@ def reference(layer_attn, settings, q, k, v, mask):
         return lola_reference(q, k, v, fq, fk, sigma, ell, window=s.window, global_size=s.global_size,
                               chunk_size=s.chunk_size, window_mode=s.window_mode, mixing=s.mixing,
                               gqa_selection=s.gqa_selection, key_mask=mask,
-                              sink_tokens=layer_attn.attention_config.sink_tokens, decay=layer_attn.decay())
+                              sink_tokens=layer_attn.attention_config.sink_tokens, decay=layer_attn.decay(),
+                              dedup=s.dedup)
 
 
 SPLITS = {"prefill": [23], "decode": [1] * 23, "mixed": [5, 1, 1, 9, 7]}
@@ -105,6 +106,86 @@ def test_streaming_matches_reference_for_any_split(attn, trained, mode, chunk, g
         y, _ = stream(attn, cfg, q, k, v, mask, split)
         torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5, msg=name)
         assert torch.isfinite(y).all()
+
+
+def repeated_values(v, distinct=3, seed=7):
+    """v with every value a near-copy (cosine > 0.999) of one of ``distinct`` directions per KV head, as a repeated
+    phrase gives: value-deduplicated selection then has duplicates to demote."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(v.shape[0], v.shape[1], distinct, v.shape[-1], generator=g)
+    copies = base[:, :, torch.arange(v.shape[2]) % distinct]
+    return copies * (1 + torch.rand(v.shape[:3] + (1,), generator=g)) + 1e-3 * torch.randn(v.shape, generator=g)
+
+
+@pytest.mark.parametrize("mode,chunk", [("sliding", 3), ("chunk", 4)])
+@pytest.mark.parametrize("gqa", ["query_head", "kv_max"])
+@pytest.mark.parametrize("sinks,decay", [(0, None), (2, 16)])
+def test_deduplicated_selection_matches_reference(attn, trained, mode, chunk, gqa, sinks, decay):
+    """lola_cache.dedup: streaming (lola_ops.demote_duplicates in select_and_fold) == the reference's own rule, for
+    any split into calls, with values that repeat (so duplicates are demoted and the cache differs from plain
+    selection) and with the half of the values distinct."""
+    trained(sink_tokens=sinks, linear_decay=decay)
+    q, k, v, mask = inputs(23, seed=3)
+    v = torch.cat([repeated_values(v[..., :12, :]), v[..., 12:, :]], dim=2)
+    cfg = LolaCacheConfig(window=W, global_size=3, chunk_size=chunk, window_mode=mode, gqa_selection=gqa,
+                          dedup=0.98)
+    y_ref, cached = reference(attn, cfg, q, k, v, mask)
+    _, cached_plain = reference(attn, LolaCacheConfig(window=W, global_size=3, chunk_size=chunk, window_mode=mode,
+                                                      gqa_selection=gqa), q, k, v, mask)
+    assert not torch.equal(cached, cached_plain)
+    for name, split in SPLITS.items():
+        y, _ = stream(attn, cfg, q, k, v, mask, split)
+        torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_deduplicated_selection_keeps_one_pair_per_repeated_value():
+    """Six candidates, two copies each of three values (the copies scaled, so they score differently), G = 3: plain
+    selection keeps the best three scores, whatever they copy; dedup keeps the best-scored copy of each value."""
+    g = torch.Generator().manual_seed(2)
+    b, h, d, dd, keep = 1, 1, 4, 6, 3
+    base = torch.randn(3, d, generator=g) * torch.tensor([[5.0], [1.0], [1.0]])  # value 0: both copies top plainly
+    cand_v = torch.cat([base, base * 1.5])[None, None].contiguous()              # copies at slots i and i + 3
+    cand_k, cand_fk = torch.randn(b, h, 6, d, generator=g), torch.rand(b, h, 6, dd, generator=g)
+    cand_pos = torch.arange(6, dtype=torch.int32).view(1, 1, 6)
+    h0, s0 = torch.zeros(b, h, dd, d), torch.zeros(b, h, dd)                      # SRE = ||v||^2
+    kept = {}
+    for dedup in (0.0, 0.99):
+        pos = cand_pos.clone()
+        select_and_fold(cand_k.clone(), cand_v.clone(), pos, cand_fk.clone(), h0.clone(), s0.clone(),
+                        global_size=keep, dedup=dedup)
+        kept[dedup] = sorted(int(p) for p in pos[0, 0, :keep])
+    norms = cand_v[0, 0].norm(dim=-1)
+    assert kept[0.0] == sorted(norms.topk(keep).indices.tolist()) and {0, 3} <= set(kept[0.0])
+    assert kept[0.99] == [3, 4, 5]                                                # the larger copy of each value
+
+
+@pytest.mark.parametrize("gqa,dedup", [("query_head", 0.0), ("kv_max", 0.0), ("kv_max", 0.98)])
+def test_unrotated_map_keys_match_reference(attn, trained, gqa, dedup):
+    """attention.feature_map_rope false: the feature maps read q_map, k_map (the unrotated q, k) while the softmax
+    reads q, k; the cache keeps [k | k_map] and equals the reference given phi(q_map), phi(k_map), for any split."""
+    trained(feature_map_rope=False, sink_tokens=2, linear_decay=16)
+    q, k, v, mask = inputs(23, seed=3)
+    q_map, k_map, _, _ = inputs(23, seed=9)
+    cfg = LolaCacheConfig(window=W, global_size=3, chunk_size=3, gqa_selection=gqa, dedup=dedup)
+    s = cfg.resolve(attn.attention_config)
+    with torch.no_grad():
+        fq, fk = attn.feature_map_q(q_map), attn.feature_map_k(repeat_kv(k_map, H // HK))
+        sigma, ell = mixing_weights(attn.window_factors, s.mixing)
+        y_ref, _ = lola_reference(q, k, v, fq, fk, sigma, ell, window=W, global_size=3, chunk_size=3,
+                                  window_mode=s.window_mode, mixing=s.mixing, gqa_selection=gqa, key_mask=mask,
+                                  sink_tokens=2, decay=attn.decay(), dedup=dedup)
+    for name, split in SPLITS.items():
+        lay, ys, a = LolaLayer(cfg), [], 0
+        with torch.no_grad():
+            for n in split:
+                part = slice(a, a + n)
+                ys.append(lay.attend(attn, q[:, :, part], k[:, :, part], v[:, :, part], mask[:, part],
+                                     q_map=q_map[:, :, part], k_map=k_map[:, :, part]))
+                a += n
+        torch.testing.assert_close(torch.cat(ys, 2), y_ref, atol=2e-6, rtol=1e-5, msg=name)
+    assert lay.cache_k.shape[-1] == lay.recent_k.shape[-1] == 2 * D_HEAD and lay.sink_k.shape[-1] == D_HEAD
+    with pytest.raises(ValueError, match="pass q_map and k_map"):
+        LolaLayer(cfg).attend(attn, q, k, v, mask)
 
 
 @pytest.mark.parametrize("global_size", [0, 3])
@@ -302,6 +383,12 @@ def test_settings_errors_name_the_field():
         LolaCacheConfig.from_spec("lola size=3")
     with pytest.raises(ConfigError, match="lola_cache.windw"):
         LolaCacheConfig.coerce({"windw": 3})
+    for bad in (1.5, -0.1, "0.9", True):
+        with pytest.raises(ConfigError, match="lola_cache.dedup"):
+            LolaCacheConfig(dedup=bad)
+    with pytest.raises(ConfigError, match="dedup='high' is not a number"):
+        LolaCacheConfig.from_spec("lola dedup=high")
+    assert LolaCacheConfig.from_spec("lola dedup=0.98").dedup == 0.98
     cfg = LolaCacheConfig.from_spec("cache=lola window=64 global=256 mixing=lola_code chunk=none")
     assert (cfg.window, cfg.global_size, cfg.mixing, cfg.chunk_size) == (64, 256, "lola_code", None)
 

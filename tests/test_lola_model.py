@@ -7,6 +7,7 @@ import sysconfig
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from lola_train.convert import convert
 from lola_train.export import export_model
@@ -148,13 +149,15 @@ def test_masks_cover_only_the_new_tokens(model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mixing,sinks,decay", [("lola_code", 0, None), ("lolcats", 4, None), ("lola_code", 4, None),
-                                                ("lola_code", 4, 16)])
-def test_trained_fusion_and_sinks_global_size_zero_equals_plain_hybrid(mixing, sinks, decay):
-    """A model trained with the 'lola_code' fusion and/or attention sinks and/or a linear decay: LoLA with G = 0
-    computes the trained hybrid layer (prefill and token-by-token decode), and its cache counts the sink buffer."""
+@pytest.mark.parametrize("mixing,sinks,decay,rope", [("lola_code", 0, None, True), ("lolcats", 4, None, True),
+                                                     ("lola_code", 4, None, True), ("lola_code", 4, 16, True),
+                                                     ("lola_code", 4, 16, False), ("lolcats", 0, None, False)])
+def test_trained_fusion_and_sinks_global_size_zero_equals_plain_hybrid(mixing, sinks, decay, rope):
+    """A model trained with the 'lola_code' fusion and/or attention sinks and/or a linear decay and/or feature maps
+    of the unrotated q, k (feature_map_rope false): LoLA with G = 0 computes the trained hybrid layer (prefill and
+    token-by-token decode), so does a DynamicCache, and the LoLA cache counts the sink buffer and the map keys."""
     model, _ = load_model(random=dict(SPEC, seed=3))
-    convert(model, dict(ATTN, mixing=mixing, sink_tokens=sinks, linear_decay=decay))
+    convert(model, dict(ATTN, mixing=mixing, sink_tokens=sinks, linear_decay=decay, feature_map_rope=rope))
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.window_factors.normal_()
@@ -171,11 +174,36 @@ def test_trained_fusion_and_sinks_global_size_zero_equals_plain_hybrid(mixing, s
     steps = torch.cat(steps, 1)
     torch.testing.assert_close(steps[0], plain[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(steps[1, 5:], plain[1, 5:], atol=1e-5, rtol=1e-5)
+    dynamic, dyn_cache = [], DynamicCache(config=model.config)  # a growing KV cache: exact hybrid decode
+    for i in range(IDS.shape[1]):
+        dynamic.append(model(IDS[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=dyn_cache).logits)
+    dynamic = torch.cat(dynamic, 1)
+    torch.testing.assert_close(dynamic[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dynamic[1, 5:], plain[1, 5:], atol=1e-5, rtol=1e-5)
     resolved = LolaCacheConfig(global_size=0).resolve(model.model.layers[0].self_attn.attention_config)
     assert resolved.mixing == mixing
     assert cache.bytes_per_sequence() == lola_bytes_per_sequence(
         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, feature_width=16, settings=resolved, dtype_bytes=4,
-        sink_tokens=sinks)
+        sink_tokens=sinks, feature_map_rope=rope)
+
+
+@torch.no_grad()
+def test_unrotated_feature_maps_are_position_free():
+    """feature_map_rope false: the linear terms see no position, so with the softmax window covering nothing but
+    the current token's own band the layer's linear output is the same at any position offset; with RoPE inside
+    the maps (LoLCATs) it is not."""
+    outs = {}
+    for rope in (True, False):
+        model, _ = load_model(random=dict(SPEC, seed=4, num_hidden_layers=1))
+        convert(model, dict(ATTN, feature_map_rope=rope))
+        with torch.no_grad():
+            model.model.layers[0].self_attn.window_factors.fill_(-30.0)  # sigma ~ 0: the linear terms alone
+        ids = IDS[:1]
+        pos = torch.arange(ids.shape[1])[None]
+        outs[rope] = [model(ids, position_ids=pos + shift, use_cache=False, output_hidden_states=True).hidden_states[-1]
+                      for shift in (0, 3000)]
+    torch.testing.assert_close(outs[False][0], outs[False][1], atol=1e-5, rtol=1e-5)
+    assert (outs[True][0] - outs[True][1]).abs().max() > 1e-3  # 2.6e-3 here; the unrotated maps: 2e-7
 
 
 @torch.no_grad()

@@ -63,6 +63,11 @@ class AttentionConfig:
                       T in tokens of a learned per-head decay gamma_h = sigmoid(a_h), gamma_h(0) = 1 - 1/T: a key
                       j < p enters the linear terms of query p with weight gamma_h^(p - j), so the linear block's
                       mass stays bounded (at most 2 / (1 - gamma_h)) however long the context (Lizard, GLA).
+    feature_map_rope: true (LoLCATs): the feature maps read the rotated (post-RoPE) q and k, so the linear terms
+                      depend on absolute positions and break past the positions seen in training (measured on
+                      smollm2_long: the same 1K text at positions 3072+ instead of 0+, perplexity 31.7 -> 88; the
+                      teacher is unchanged). false: they read the unrotated q and k, a position-free linear memory
+                      (recency comes from linear_decay); the softmax terms keep RoPE either way.
     sink_tokens:      S, the first S real (non-padding) tokens of every sequence are attention sinks: they are
                       in the softmax set of every later query and never in the linear memory (0 = none,
                       LoLCATs). The teacher puts much of its attention mass on them; a linear term cannot
@@ -85,6 +90,7 @@ class AttentionConfig:
     mixing: str = "lolcats"
     sink_tokens: int = 0
     linear_decay: Optional[int] = None
+    feature_map_rope: bool = True
     chunk_size: int = 64
     backend: str = "auto"
 
@@ -112,6 +118,9 @@ class AttentionConfig:
                                               isinstance(self.linear_decay, bool) or self.linear_decay < 2):
             raise ConfigError(f"{prefix}linear_decay={self.linear_decay!r} is not valid; give the initial horizon in "
                               "tokens (an integer >= 2, e.g. 512) or null for no decay")
+        if not isinstance(self.feature_map_rope, bool):
+            raise ConfigError(f"{prefix}feature_map_rope={self.feature_map_rope!r} is not valid; it must be true "
+                              "(feature maps of the rotated q, k: LoLCATs) or false (of the unrotated q, k)")
         check_choice(prefix + "backend", self.backend, ("auto",) + tuple(BACKENDS))
         for name in ("feature_dim", "window_size", "chunk_size"):
             check_positive(prefix + name, getattr(self, name))

@@ -140,7 +140,8 @@ class HybridAttention(nn.Module):
         return mixing_weights(self.window_factors, cfg.mixing, cfg.affine_attention_factors)
 
     def project(self, hidden_states: torch.Tensor, position_embeddings):
-        """hidden [B,L,hidden] -> q [B,H,L,d], k, v [B,H_kv,L,d], post-RoPE."""
+        """hidden [B,L,hidden] -> (q [B,H,L,d], k, v [B,H_kv,L,d] post-RoPE, q_map [B,H,L,d], k_map [B,H_kv,L,d]):
+        what the feature maps read, the rotated q, k (attention.feature_map_rope) or the unrotated ones."""
         b, length, _ = hidden_states.shape
         shape = (b, length, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
@@ -150,15 +151,19 @@ class HybridAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
+        q_map, k_map = q, k
         q, k = apply_rotary(q, k, cos, sin)
-        return q, k, v
+        if self.attention_config.feature_map_rope:
+            q_map, k_map = q, k
+        return q, k, v, q_map, k_map
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
                 **kwargs):
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         b, length, _ = hidden_states.shape
-        q, k, v = self.project(hidden_states, position_embeddings)
+        q, k, v, q_map, k_map = self.project(hidden_states, position_embeddings)
+        mapped = k_map is not k  # the feature maps read other keys than the softmax: cache both, [k | k_map]
         lola = None if cache is None else lola_layer(cache, self.layer_idx, self.model_config, self.training)
         if lola is not None:  # LoLA sparse caching: window + global cache + linear state, constant memory
             if self.transfer_mode:
@@ -168,19 +173,29 @@ class HybridAttention(nn.Module):
             # transformers for just those; a mask over the whole context works too)
             keys = length if attention_mask is None else attention_mask.shape[-1]
             key_mask = key_padding_mask(attention_mask, length, keys)
-            y = lola.attend(self, q, k, v, None if key_mask is None else key_mask[:, -length:])
+            y = lola.attend(self, q, k, v, None if key_mask is None else key_mask[:, -length:],
+                            q_map=q_map, k_map=k_map)
             return self.o_proj(y.transpose(1, 2).reshape(b, length, -1).to(hidden_states.dtype)), None
         if cache is not None:  # a plain transformers KV cache: exact, but grows with the context
-            k, v = cache.update(k, v, self.layer_idx)
+            if mapped:
+                both, v = cache.update(torch.cat([k, k_map], dim=-1), v, self.layer_idx)
+                k, k_map = both.split(self.head_dim, dim=-1)
+            else:
+                k, v = cache.update(k, v, self.layer_idx)
+                k_map = k
         key_mask = key_padding_mask(attention_mask, length, k.shape[2])
-        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
-        y = self.attend(q, k, v, key_mask)
+        groups = self.num_key_value_groups
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        k_map = repeat_kv(k_map, groups) if mapped else k
+        y = self.attend(q, k, v, key_mask, q_map=q_map, k_map=k_map)
         return self.o_proj(y.transpose(1, 2).reshape(b, length, -1).to(hidden_states.dtype)), None
 
-    def attend(self, q, k, v, key_mask) -> torch.Tensor:
-        """Hybrid attention on expanded heads; in transfer mode records the losses and returns the teacher."""
+    def attend(self, q, k, v, key_mask, q_map=None, k_map=None) -> torch.Tensor:
+        """Hybrid attention on expanded heads (q_map, k_map: what the feature maps read; default q, k); in transfer
+        mode records the losses and returns the teacher."""
         cfg = self.attention_config
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        fq = self.feature_map_q(q if q_map is None else q_map)
+        fk = self.feature_map_k(k if k_map is None else k_map)
         sigma, ell = self.mixing_factors()
         if not self.transfer_mode:
             return hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,

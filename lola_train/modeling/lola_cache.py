@@ -18,7 +18,9 @@ row's real tokens, see ``lola_ops``; padding is never stored):
                                                 (H, s) hold gamma^(state_at - j)-weighted sums (lola_ops)
 
 phi_k(k) is recomputed from the raw keys when needed (scoring, the recent pairs outside the window), never
-stored. The math lives in ``lola_ops``; this file does the bookkeeping.
+stored. A model with ``attention.feature_map_rope: false`` (feature maps of the unrotated keys) keeps both keys in
+recent_k and cache_k, [k | k_map] [..., 2d] (:func:`softmax_part` / :func:`map_part`). The math lives in
+``lola_ops``; this file does the bookkeeping.
 
 How it is switched on (no custom generate code):
 
@@ -66,6 +68,9 @@ class LolaCacheConfig:
                    unshifted). An explicit choice takes its weights from ``hybrid_ops.mixing_weights``.
     gqa_selection: 'query_head' (one selection per query head, as LoLA; cache stored per query head), 'kv_mean'
                    / 'kv_max' (one selection per KV head by mean / max SRE over its query heads; stored once).
+    dedup:         0 (off, as LoLA) or a cosine threshold in (0, 1]: at each update a candidate whose value is at
+                   least that similar to a better-scored candidate's is ranked after all others, so the cache does
+                   not fill with near-copies of one value (lola_ops.demote_duplicates).
     eps:           epsilon of the self-recall error and of the 'lola_code' denominator.
     """
 
@@ -76,6 +81,7 @@ class LolaCacheConfig:
     update_every: str = "chunk"
     mixing: str = "auto"
     gqa_selection: str = "query_head"
+    dedup: float = 0.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -92,6 +98,9 @@ class LolaCacheConfig:
         check_choice(prefix + "update_every", self.update_every, ("chunk", "token"))
         check_choice(prefix + "mixing", self.mixing, ("auto",) + MIXINGS)
         check_choice(prefix + "gqa_selection", self.gqa_selection, GQA_SELECTIONS)
+        if isinstance(self.dedup, bool) or not isinstance(self.dedup, (int, float)) or not 0 <= self.dedup <= 1:
+            raise ConfigError(f"{prefix}dedup={self.dedup!r} is not valid; it must be 0 (off) or a cosine "
+                              "similarity threshold in (0, 1], e.g. 0.98")
         if not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ConfigError(f"{prefix}eps={self.eps!r} is not valid; it must be a number > 0 (default 1e-6)")
         return self
@@ -143,8 +152,11 @@ class LolaCacheConfig:
                                   f"(aliases: {', '.join(cls.ALIASES)})")
             if raw.lower() in ("none", "null"):
                 values[key] = None
-            elif key == "eps":
-                values[key] = float(raw)
+            elif key in ("eps", "dedup"):
+                try:
+                    values[key] = float(raw)
+                except ValueError:
+                    raise ConfigError(f"lola cache {key}={raw!r} is not a number") from None
             elif key in ("window", "global_size", "chunk_size"):
                 try:
                     values[key] = int(raw)
@@ -180,6 +192,16 @@ class _Call:
         new = self.recent + inv.gather(1, rel.clamp(0, self.length - 1))
         old = rel + self.recent
         return torch.where(rel < 0, torch.where(old >= 0, old, zero), torch.where(real < r1[:, None], new, zero))
+
+
+def softmax_part(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The rotated q / k of a stored [..., d] or [x | x_map] [..., 2d] tensor (what the softmax terms read)."""
+    return x if x.shape[-1] == d else x[..., :d]
+
+
+def map_part(x: torch.Tensor, d: int) -> torch.Tensor:
+    """What the feature maps read: x itself, or x_map of [x | x_map]."""
+    return x if x.shape[-1] == d else x[..., d:]
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -306,18 +328,20 @@ class LolaLayer(CacheLayerMixin):
         return self.resolved
 
     def _allocate(self, attn, k: torch.Tensor) -> None:
+        """k [B,Hk,L,dk]: dk = d, or 2d for [k | k_map] (recent and cache keys are stored at that width)."""
         cfg = self.resolved
-        b, hk, _, d = k.shape
+        b, hk, _, dk = k.shape
+        d = attn.head_dim
         h, dd = attn.num_heads, attn.feature_map_k.out_dim
         hs = h if cfg.gqa_selection == "query_head" else hk
         r = recent_capacity(cfg.window_mode, cfg.window, cfg.chunk_size)
         dev, dt = k.device, k.dtype
         self.device = dev
-        self.recent_k = torch.zeros(b, hk, r, d, dtype=dt, device=dev)
+        self.recent_k = torch.zeros(b, hk, r, dk, dtype=dt, device=dev)
         self.recent_v = torch.zeros(b, hk, r, d, dtype=dt, device=dev)
         self.sink_k = torch.zeros(b, hk, self.sinks, d, dtype=dt, device=dev)
         self.sink_v = torch.zeros(b, hk, self.sinks, d, dtype=dt, device=dev)
-        self.cache_k = torch.zeros(b, hs, cfg.global_size, d, dtype=dt, device=dev)
+        self.cache_k = torch.zeros(b, hs, cfg.global_size, dk, dtype=dt, device=dev)
         self.cache_v = torch.zeros(b, hs, cfg.global_size, d, dtype=dt, device=dev)
         self.cache_pos = torch.full((b, hs, cfg.global_size), -1, dtype=torch.int32, device=dev)
         self.h_state = torch.zeros(b, h, dd, d, dtype=torch.float32, device=dev)
@@ -351,12 +375,14 @@ class LolaLayer(CacheLayerMixin):
         return code.masked_fill(((pos >= self.real_seen[:, None]) | (pos < 0))[:, None], -1)
 
     def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+               key_mask: torch.Tensor | None = None, q_map: torch.Tensor | None = None,
+               k_map: torch.Tensor | None = None) -> torch.Tensor:
         """Consume L new tokens and return their attention output.
 
         attn: the HybridAttention module (feature maps, mixing factors, attention config); q [B,H,L,d],
-        k, v [B,Hk,L,d] post-RoPE; key_mask [B,L] (True = real token) for the NEW tokens or None.
-        Returns y [B,H,L,d] float32 (0 at padding).
+        k, v [B,Hk,L,d] post-RoPE; key_mask [B,L] (True = real token) for the NEW tokens or None; q_map, k_map:
+        what the feature maps read (the unrotated q, k of a model with attention.feature_map_rope false; needed
+        there, ignored otherwise). Returns y [B,H,L,d] float32 (0 at padding).
 
         Two passes over the chunks of C real positions the call touches: (1) the cache updates in order (they
         depend only on keys, values and phi_k), keeping a snapshot of (cache, H, s) per chunk; (2) the attention of
@@ -364,9 +390,15 @@ class LolaLayer(CacheLayerMixin):
         (:func:`lola_ops.lola_attend` or the Triton kernel). Long calls go in blocks of SEGMENT_BLOCK_TOKENS.
         """
         cfg = self._resolve(attn)
+        if not attn.attention_config.feature_map_rope:  # carry both: [q | q_map], [k | k_map]
+            if q_map is None or k_map is None:
+                raise ValueError("LolaLayer.attend: this model's feature maps read the unrotated q, k "
+                                 "(attention.feature_map_rope false); pass q_map and k_map")
+            q, k = torch.cat([q, q_map.to(q.dtype)], dim=-1), torch.cat([k, k_map.to(k.dtype)], dim=-1)
         if not self.is_initialized:
             self._allocate(attn, k)
-        b, h, length, d = q.shape
+        b, h, length, _ = q.shape
+        d = v.shape[-1]
         if k.shape[0] != self.recent_k.shape[0]:
             raise ValueError(f"LolaLayer: batch size {k.shape[0]} differs from the cache's "
                              f"{self.recent_k.shape[0]}; use a fresh cache (cache.reset()) for a new batch")
@@ -385,11 +417,12 @@ class LolaLayer(CacheLayerMixin):
         inv.scatter_(1, torch.where(valid, rank, length), torch.arange(length, device=dev).expand(b, -1))
         r = self.recent_k.shape[2]
         call = _Call(r0, r1, inv[:, :length], r)
-        zero = self.recent_k.new_zeros(b, k.shape[1], 1, d)
-        ext_k = torch.cat([self.recent_k, k.to(self.recent_k.dtype), zero], dim=2)
-        ext_v = torch.cat([self.recent_v, v.to(self.recent_v.dtype), zero], dim=2)
+        ext_k = torch.cat([self.recent_k, k.to(self.recent_k.dtype), self.recent_k.new_zeros(b, k.shape[1], 1,
+                                                                                             k.shape[-1])], dim=2)
+        ext_v = torch.cat([self.recent_v, v.to(self.recent_v.dtype), self.recent_v.new_zeros(b, k.shape[1], 1, d)],
+                          dim=2)
         if self.sinks:
-            self._store_sinks(k, v, valid, r0[:, None] + rank)
+            self._store_sinks(softmax_part(k, d), v, valid, r0[:, None] + rank)
         fk_ext = self._key_features(attn, call, ext_k)
         sigma, ell = mixing_weights(attn.window_factors, cfg.mixing, attn.attention_config.affine_attention_factors)
 
@@ -403,7 +436,7 @@ class LolaLayer(CacheLayerMixin):
         update_at = torch.where((starts >= r0[:, None]) & (starts < r1[:, None]), starts, -1)
         if cfg.update_every == "token" and length == 1:                    # decode: update before every token
             update_at[:, 0] = torch.where(r1 > r0, r0, -1)
-        q_ext = torch.cat([q, q.new_zeros(b, h, 1, d)], dim=2)
+        q_ext = torch.cat([q, q.new_zeros(b, h, 1, q.shape[-1])], dim=2)
 
         block = max(1, self.SEGMENT_BLOCK_TOKENS // c)
         for na in range(0, n_chunks, block):
@@ -440,7 +473,8 @@ class LolaLayer(CacheLayerMixin):
         """One real token per row with no cache update (most decode steps): the same attention as :meth:`attend`
         with the segment machinery left out. The softmax band is the last R real tokens, which is also the new
         recent buffer."""
-        b, h, _, d = q.shape
+        b, h, _, _ = q.shape
+        d = v.shape[-1]
         r = self.recent_k.shape[2]
         band_k = torch.cat([self.recent_k[:, :, 1:], k.to(self.recent_k.dtype)], dim=2)  # real r1-R .. r1-1
         band_v = torch.cat([self.recent_v[:, :, 1:], v.to(self.recent_v.dtype)], dim=2)
@@ -449,31 +483,33 @@ class LolaLayer(CacheLayerMixin):
         live = k_real >= self.first_live.clamp_min(self.sinks)[:, None]
         win = in_window(r1[:, None] - 1, k_real, cfg.window_mode, cfg.window, r1)[:, 0]             # [B,R]
         soft, lin = win & live, ~win & live
-        fq = attn.feature_map_q(q).float()
+        fq = attn.feature_map_q(map_part(q, d)).float()
         gamma = attn.decay()
         lin_num = lin_den = None
         cols = torch.nonzero(lin.any(0)).flatten()
         if cols.numel():  # recent pairs out of the window, not yet scored: linear terms with phi_k(k)
             lo, hi = int(cols[0]), int(cols[-1]) + 1
-            fk = attn.feature_map_k(expand_heads(band_k[:, :, lo:hi], h)).float()
+            fk = attn.feature_map_k(expand_heads(map_part(band_k[:, :, lo:hi], d), h)).float()
             a = (fq @ fk.transpose(-1, -2)).mul_(lin[:, None, None, lo:hi].float())
             if gamma is not None:  # gamma^(r - j) [B,H,1,hi-lo]
                 a.mul_(decay_weights(gamma, (r1[:, None] - 1 - k_real[:, lo:hi])[:, None, None], head_axis=1))
             lin_num, lin_den = grouped_matmul(a, band_v[:, :, lo:hi].float()), a.sum(-1)
         if gamma is not None:  # gamma^(r - state_at) phi_q(q_r) reads the state referenced to its last update
             fq = fq * decay_weights(gamma, (r1 - 1 - self.state_at)[:, None, None, None], head_axis=1)
-        local_k, local_v, mask = band_k, band_v, soft[:, None, None, :]
+        soft_k = softmax_part(band_k, d)
+        local_k, local_v, mask = soft_k, band_v, soft[:, None, None, :]
         if self.sinks:  # all S sinks are filled (r1 > S)
-            local_k, local_v = torch.cat([self.sink_k, band_k], dim=2), torch.cat([self.sink_v, band_v], dim=2)
+            local_k, local_v = torch.cat([self.sink_k, soft_k], dim=2), torch.cat([self.sink_v, band_v], dim=2)
             mask = torch.cat([mask.new_ones(b, 1, 1, self.sinks), mask], dim=-1)
         cache = {}
         if cfg.global_size > 0:
-            cache = dict(cache_k=self.cache_k, cache_v=self.cache_v, cache_ok=self.cache_pos >= 0)
+            cache = dict(cache_k=softmax_part(self.cache_k, d).contiguous(), cache_v=self.cache_v,
+                         cache_ok=self.cache_pos >= 0)
         sigma, ell = mixing_weights(attn.window_factors, cfg.mixing, attn.attention_config.affine_attention_factors)
         kernels = lola_kernels_for(q, attn.attention_config.backend, d, fq.shape[-1])
         fn = lola_attend if kernels is None else kernels.lola_attend_triton
-        y = fn(q, local_k, local_v, mask, fq, self.h_state, self.s_state, sigma, ell, mixing=cfg.mixing, eps=cfg.eps,
-               lin_num=lin_num, lin_den=lin_den, **cache)
+        y = fn(softmax_part(q, d).contiguous(), local_k.contiguous(), local_v, mask, fq, self.h_state, self.s_state,
+               sigma, ell, mixing=cfg.mixing, eps=cfg.eps, lin_num=lin_num, lin_den=lin_den, **cache)
         self.recent_k, self.recent_v, self.real_seen = band_k, band_v, r1
         self.seen += 1
         return y
@@ -503,7 +539,7 @@ class LolaLayer(CacheLayerMixin):
             return fk
         span = call.source(torch.stack([lo, hi - 1], 1))                  # [B,2] ext index of the first / last
         a, z = int(span[rows, 0].min()), int(span[rows, 1].max()) + 1
-        fk[:, :, a:z] = attn.feature_map_k(expand_heads(ext_k[:, :, a:z], h)).float()
+        fk[:, :, a:z] = attn.feature_map_k(expand_heads(map_part(ext_k[:, :, a:z], attn.head_dim), h)).float()
         return fk
 
     def _snapshot_buffers(self, m: int) -> dict[str, torch.Tensor]:
@@ -521,7 +557,7 @@ class LolaLayer(CacheLayerMixin):
         if call.work is None:
             h = self.h_state.shape[1]
             call.work = dict(k=self.cache_k, v=self.cache_v, pos=self.cache_pos,
-                             fk=attn.feature_map_k(expand_heads(self.cache_k, h)).float())
+                             fk=attn.feature_map_k(expand_heads(map_part(self.cache_k, attn.head_dim), h)).float())
         have = call.work["pos"].shape[-1] - g
         if width > have:
             call.work = {name: torch.cat([t, t.new_zeros(*t.shape[:2], width - have, t.shape[-1])], dim=2)
@@ -571,7 +607,7 @@ class LolaLayer(CacheLayerMixin):
                                         head_axis=1)
         select_and_fold(cand["k"], cand["v"], cand["pos"], cand["fk"], h_state, s_state, global_size=g,
                         gqa_selection=cfg.gqa_selection, eps=cfg.eps, backend=attn.attention_config.backend,
-                        fold_weight=fold_weight)
+                        fold_weight=fold_weight, dedup=cfg.dedup)
         if rows is not None:
             for name, t in cand.items():
                 work[name].index_copy_(0, rows, t)
@@ -586,7 +622,8 @@ class LolaLayer(CacheLayerMixin):
         real positions of each segment's queries; snapshots: :meth:`_snapshot_buffers` filled per chunk.
         Returns (y [B,H,M*Q,d], token index in the call [B,M*Q]; L for empty query slots), Q = per_segment."""
         cfg = self.resolved
-        b, h, _, d = q_ext.shape
+        b, h, _, _ = q_ext.shape
+        d = ext_v.shape[-1]
         m, nq, r = seg_start.shape[1], per_segment, self.recent_k.shape[2]
         dev = q_ext.device
         length = call.length
@@ -598,14 +635,15 @@ class LolaLayer(CacheLayerMixin):
         q_ok = q_real < seg_end[:, :, None]
         tok = call.inv.gather(1, (q_real - call.r0[:, None, None]).clamp(0, length - 1).view(b, -1))
         tok = torch.where(q_ok.view(b, -1), tok, length)                                   # [B,M*Q]
-        q_seg = _segments(_take(q_ext, tok), m)                                            # [M*B,H,Q,d]
-        fq_seg = attn.feature_map_q(q_seg).float()
+        q_both = _segments(_take(q_ext, tok), m)                                           # [M*B,H,Q,d|2d]
+        q_seg, fq_seg = softmax_part(q_both, d).contiguous(), attn.feature_map_q(map_part(q_both, d)).float()
 
         k_real = seg_end[:, :, None] - r + torch.arange(r, device=dev)                    # [B,M,R] band
         first_live = snapshots["first_live"].t().clamp_min(self.sinks)                     # [B,M]
         live = (k_real >= first_live[:, :, None]) & (k_real < call.r1[:, None, None])
         src = call.source(k_real.view(b, -1))                                              # [B,M*R]
-        k_band, v_band = _segments(_take(ext_k, src), m), _segments(_take(ext_v, src), m)  # [M*B,Hk,R,d]
+        k_band = softmax_part(_segments(_take(ext_k, src), m), d).contiguous()             # [M*B,Hk,R,d]
+        v_band = _segments(_take(ext_v, src), m)
         win = in_window(q_real, k_real, cfg.window_mode, cfg.window, call.r1[:, None])     # [B,M,Q,R]
         causal = k_real[:, :, None, :] <= q_real[:, :, :, None]
         live = live[:, :, None, :] & q_ok[:, :, :, None]
@@ -639,7 +677,7 @@ class LolaLayer(CacheLayerMixin):
 
         cache = {}
         if cfg.global_size > 0:
-            cache = dict(cache_k=flat("k"), cache_v=flat("v"), cache_ok=flat("pos") >= 0)
+            cache = dict(cache_k=softmax_part(flat("k"), d).contiguous(), cache_v=flat("v"), cache_ok=flat("pos") >= 0)
         kernels = lola_kernels_for(q_ext, attn.attention_config.backend, d, fq_seg.shape[-1])
         fn = lola_attend if kernels is None else kernels.lola_attend_triton
         y = fn(q_seg, local_k, local_v, mask, fq_seg, flat("h"), flat("s"), sigma, ell, mixing=cfg.mixing,
@@ -706,15 +744,18 @@ def lola_layer(cache, layer_idx: int, model_config=None, training: bool = False)
 
 def lola_bytes_per_sequence(*, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
                             feature_width: int, settings: LolaCacheConfig, dtype_bytes: int = 2,
-                            sink_tokens: int = 0) -> int:
+                            sink_tokens: int = 0, feature_map_rope: bool = True) -> int:
     """Bytes per sequence of a LoLA cache with resolved ``settings`` (window, chunk_size, window_mode concrete)
-    for a model with ``sink_tokens`` attention sinks, exactly as :class:`LolaLayer` allocates it; independent of
-    the context length."""
+    for a model with ``sink_tokens`` attention sinks (and unrotated keys stored beside the keys when
+    ``feature_map_rope`` is false), exactly as :class:`LolaLayer` allocates it; independent of the context
+    length."""
+    key_copies = 1 if feature_map_rope else 2
     s = settings
     r = recent_capacity(s.window_mode, s.window, s.chunk_size)
     hs = num_heads if s.gqa_selection == "query_head" else num_kv_heads
-    per_layer = (2 * num_kv_heads * (r + sink_tokens) * head_dim * dtype_bytes  # recent and sink k, v
-                 + 2 * hs * s.global_size * head_dim * dtype_bytes            # cache k, v
+    per_layer = ((1 + key_copies) * num_kv_heads * r * head_dim * dtype_bytes  # recent k (| k_map), v
+                 + 2 * num_kv_heads * sink_tokens * head_dim * dtype_bytes   # sink k, v
+                 + (1 + key_copies) * hs * s.global_size * head_dim * dtype_bytes  # cache k (| k_map), v
                  + hs * s.global_size * 4                                     # cache positions (int32)
                  + num_heads * feature_width * (head_dim + 1) * 4             # H and s, float32
                  + 3 * 8)                                             # real_seen, first_live, state_at (int64)

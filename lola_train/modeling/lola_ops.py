@@ -30,6 +30,9 @@ window (never the sinks); each is scored with the self-recall error
     SRE(k, v) = || v - phi_k(k)^T H / (phi_k(k)^T s + eps) ||_2^2          (fp32, under the pre-insertion H, s)
 
 the top ``global_size`` stay in G and the rest are folded into (H, s). Cached pairs are never in H (trap T10).
+With ``dedup`` = T > 0 (ours, off by default), a candidate whose value has cosine similarity >= T with a better
+candidate's (higher SRE; equal SRE and earlier position) ranks below every candidate without one: in repeated
+text the worst-recalled pairs are hundreds of near-copies of a few values, which would otherwise fill G.
 
 Decay (a model trained with ``attention.linear_decay``, gamma [H]): the linear term of query r and key j carries
 gamma^(r - j), as in the trained layer. The state is kept referenced to its last update u,
@@ -143,6 +146,25 @@ def group_scores(score: torch.Tensor, groups: int, gqa_selection: str) -> torch.
                      f"{', '.join(GQA_SELECTIONS)}")
 
 
+def demote_duplicates(score: torch.Tensor, cand_v: torch.Tensor, cand_pos: torch.Tensor,
+                      threshold: float) -> torch.Tensor:
+    """Value-deduplicated selection scores (``lola_cache.dedup``): a candidate whose value has cosine similarity
+    >= ``threshold`` with the value of a better candidate (higher score; equal score and earlier position) is
+    ranked after every candidate that has none, keeping its order among such duplicates. So a run of near-copies
+    of one value (a repeated phrase) holds one cache slot, not hundreds, while anything else is left for them.
+
+    score [B,Hs,N] (SRE >= 0, -inf = not a candidate), cand_v [B,Hs,N,d], cand_pos [B,Hs,N]. Returns the scores
+    with duplicates mapped to -1 / (1 + score), in (-1, 0]: below every SRE, order kept. Cost: one [N, N] value
+    similarity per storage head, taken in rank order so that "better" is the strict lower triangle.
+    """
+    by_pos = cand_pos.argsort(dim=-1, stable=True)
+    rank = by_pos.gather(-1, score.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True))  # best first
+    vn = torch.nn.functional.normalize(take_rows(cand_v, rank).float(), dim=-1, eps=1e-12)
+    covered = (vn @ vn.transpose(-1, -2)).tril_(-1).amax(-1) >= threshold               # [B,Hs,N] by rank
+    dup = torch.zeros_like(covered).scatter_(-1, rank, covered) & (score > float("-inf"))
+    return torch.where(dup, -1.0 / (1.0 + score), score)
+
+
 def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, feature_width: int = 0):
     """The Triton LoLA kernels (module ``lola_kernels.lola``) when they should run for tensors like ``x``, else
     None (the PyTorch path). ``backend`` is ``attention.backend``: 'auto' uses them for CUDA tensors when
@@ -170,28 +192,32 @@ def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, 
 
 def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, global_size: int,
                     gqa_selection: str = "query_head", eps: float = 1e-6, backend: str = "auto",
-                    fold_weight: torch.Tensor | None = None) -> None:
+                    fold_weight: torch.Tensor | None = None, dedup: float = 0.0) -> None:
     """One cache update (spec 4.2 'update', 4.5), in place.
 
     The candidates are the cache (the first G = global_size slots) followed by N pairs leaving the window:
-    cand_k, cand_v [B,Hs,G+N,d], cand_pos [B,Hs,G+N] (position, -1 = empty slot or not a candidate), cand_fk
-    [B,H,G+N,D] float32 (phi_k per query head). All are scored by self-recall error under (h_state [B,H,D,d],
-    s_state [B,H,D], float32); the top G are kept, the rest folded into h_state, s_state. Afterwards the cache is
-    the first G slots again: each kept new pair has moved into the slot of a dropped one (only <= N rows move).
+    cand_k [B,Hs,G+N,dk] (any width: only moved), cand_v [B,Hs,G+N,d], cand_pos [B,Hs,G+N] (position, -1 = empty
+    slot or not a candidate), cand_fk [B,H,G+N,D] float32 (phi_k per query head). All are scored by self-recall
+    error under (h_state [B,H,D,d], s_state [B,H,D], float32); the top G are kept, the rest folded into h_state,
+    s_state. Afterwards the cache is the first G slots again: each kept new pair has moved into the slot of a
+    dropped one (only <= N rows move).
     ``backend`` (attention.backend) picks the Triton kernels for the scores and the fold (:func:`lola_kernels_for`).
     ``fold_weight`` [B,H,G+N] (decay: gamma^(u - position)) multiplies phi_k of the pairs that are folded; the
-    scores use the unweighted phi_k.
+    scores use the unweighted phi_k. ``dedup`` > 0: candidates whose value nearly copies a better candidate's are
+    ranked last (:func:`demote_duplicates`).
     """
     heads, hs = h_state.shape[1], cand_k.shape[1]
     groups, g, n = heads // hs, global_size, cand_pos.shape[-1] - global_size
     valid = cand_pos >= 0
-    kernels = lola_kernels_for(cand_fk, backend, cand_k.shape[-1], h_state.shape[-2])
+    kernels = lola_kernels_for(cand_fk, backend, cand_v.shape[-1], h_state.shape[-2])
     if g > 0:
         if kernels is not None:
             sre = kernels.self_recall_error_triton(cand_fk, cand_v, h_state, s_state, eps)
         else:
             sre = self_recall_error(cand_fk, cand_v, h_state, s_state, eps)
         score = group_scores(sre, groups, gqa_selection).masked_fill(~valid, float("-inf"))
+        if dedup > 0:
+            score = demote_duplicates(score, cand_v, cand_pos, dedup)
         order = score.argsort(dim=-1, descending=True)                    # [B,Hs,G+N]
     else:
         order = torch.arange(g + n, device=cand_pos.device).expand(cand_pos.shape)
@@ -343,7 +369,7 @@ def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str 
 def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int, chunk_size: int | None = None,
                    update_positions=None, window_mode: str = "sliding", mixing: str = "lolcats",
                    gqa_selection: str = "query_head", key_mask: torch.Tensor | None = None, sink_tokens: int = 0,
-                   decay: torch.Tensor | None = None, eps: float = 1e-6):
+                   decay: torch.Tensor | None = None, dedup: float = 0.0, eps: float = 1e-6):
     """Quadratic LoLA over one call (a test oracle; O(L^2) memory per row).
 
     q [B,H,L,d], k, v [B,Hk,L,d] (Hk divides H), fq [B,H,L,D], fk [B,H,L,D] (phi_k of the keys, per query head),
@@ -351,6 +377,8 @@ def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int
     the cache is updated before real query u for every u in ``update_positions`` (default: the multiples of
     ``chunk_size``). 'tk' aligns its blocks to the row's number of real tokens. ``decay`` gamma [H] weighs the
     linear term of query r and key j by gamma^(r - j), and the state scored at update u by gamma^(u - j).
+    ``dedup`` > 0: a candidate whose value is that cosine-similar to a better-scored candidate's is ranked after all
+    others (``lola_cache.dedup``).
     Returns (y [B,H,L,d] float32, 0 at padding; cached [B,H,L] bool: in the sparse cache after the last update).
     """
     b, h, length, d = q.shape
@@ -368,14 +396,15 @@ def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int
         updates = range(chunk_size, n, chunk_size) if update_positions is None else update_positions
         yr, cached = _reference_row(qr, kr, vr, fqr, fkr, sigma, ell, window=window, global_size=global_size,
                                     updates=updates, window_mode=window_mode, mixing=mixing, groups=groups,
-                                    gqa_selection=gqa_selection, sink_tokens=sink_tokens, decay=decay, eps=eps)
+                                    gqa_selection=gqa_selection, sink_tokens=sink_tokens, decay=decay,
+                                    dedup=dedup, eps=eps)
         y[row][:, idx] = yr
         cached_out[row][:, idx] = cached
     return y, cached_out
 
 
 def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates, window_mode, mixing, groups,
-                   gqa_selection, sink_tokens, decay, eps):
+                   gqa_selection, sink_tokens, decay, dedup, eps):
     """One row's real tokens: q, k, v [H,n,d], fq, fk [H,n,D]. Returns (y [H,n,d], cached [H,n])."""
     h, n, d = q.shape
     pos = torch.arange(n, device=q.device)
@@ -399,6 +428,13 @@ def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates,
             sre = self_recall_error(fk[None], v[None], h_state[None], s_state[None], eps)
             score = expand_heads(group_scores(sre, groups, gqa_selection), h)[0]
             score = score.masked_fill(~candidates, float("-inf"))
+            if dedup > 0:  # i is a duplicate if a candidate j with a similar value scores above it (or ties, earlier)
+                vn = torch.nn.functional.normalize(v, dim=-1, eps=1e-12)
+                similar = vn @ vn.transpose(-1, -2) >= dedup                          # [H,i,j]
+                si, sj = score[:, :, None], score[:, None, :]
+                better = (sj > si) | ((sj == si) & (pos[None, None, :] < pos[None, :, None]))
+                dup = (similar & better & candidates[:, None, :]).any(-1) & candidates
+                score = torch.where(dup, -1.0 / (1.0 + score), score)
             kept = torch.zeros_like(cached)
             if global_size > 0:
                 kept.scatter_(-1, score.topk(min(global_size, n), dim=-1).indices, True)
