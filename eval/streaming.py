@@ -76,20 +76,18 @@ def estimate_cache_bytes(model: nn.Module, spec: CacheSpec, context: int) -> int
     the KV cache for 'full' (also what a linearized model keeps under a DynamicCache), the kept pairs of a baseline
     (sink / tova), the constant LoLA state otherwise ('window:W' holds the LoLA G=0 state)."""
     s = _shape(model)
-    attention = getattr(model.config, "lola_attention", None)
+    linearized = getattr(model.config, "lola_attention", None)
+    attention = AttentionConfig.coerce(linearized) if linearized is not None else None
     if spec.kind == "full":
-        kv = kv_bytes_per_sequence(num_layers=s["num_layers"], num_kv_heads=s["num_kv_heads"],
-                                   head_dim=s["head_dim"], context=context, dtype_bytes=dtype_bytes(model))
-        if attention is not None and not AttentionConfig.coerce(attention).feature_map_rope:
-            kv = kv * 3 // 2  # a linearized model with unrotated feature maps caches [k | k_map] and v
-        return kv
+        return kv_bytes_per_sequence(num_layers=s["num_layers"], num_kv_heads=s["num_kv_heads"],
+                                     head_dim=s["head_dim"], context=context, dtype_bytes=dtype_bytes(model),
+                                     feature_map_rope=attention is None or attention.feature_map_rope)
     if spec.is_baseline:  # at rest: min(context, S + W) or min(context, N) pairs per KV head
         from .baselines import pair_bytes
 
         spec = spec.resolve(model)
         kept = spec.sinks + spec.window if spec.kind == "sink" else spec.global_size
         return min(context, kept) * pair_bytes(model.config, dtype_bytes(model))
-    attention = AttentionConfig.coerce(model.config.lola_attention)
     feature_width = attention.feature_dim * (2 if attention.fullspace else 1)
     settings = spec.lola_settings().resolve(attention)
     return lola_bytes_per_sequence(num_layers=s["num_layers"], num_heads=s["num_heads"],

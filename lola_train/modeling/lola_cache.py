@@ -503,13 +503,12 @@ class LolaLayer(CacheLayerMixin):
             mask = torch.cat([mask.new_ones(b, 1, 1, self.sinks), mask], dim=-1)
         cache = {}
         if cfg.global_size > 0:
-            cache = dict(cache_k=softmax_part(self.cache_k, d).contiguous(), cache_v=self.cache_v,
-                         cache_ok=self.cache_pos >= 0)
+            cache = dict(cache_k=softmax_part(self.cache_k, d), cache_v=self.cache_v, cache_ok=self.cache_pos >= 0)
         sigma, ell = mixing_weights(attn.window_factors, cfg.mixing, attn.attention_config.affine_attention_factors)
         kernels = lola_kernels_for(q, attn.attention_config.backend, d, fq.shape[-1])
         fn = lola_attend if kernels is None else kernels.lola_attend_triton
-        y = fn(softmax_part(q, d).contiguous(), local_k.contiguous(), local_v, mask, fq, self.h_state, self.s_state,
-               sigma, ell, mixing=cfg.mixing, eps=cfg.eps, lin_num=lin_num, lin_den=lin_den, **cache)
+        y = fn(softmax_part(q, d), local_k, local_v, mask, fq, self.h_state, self.s_state, sigma, ell,
+               mixing=cfg.mixing, eps=cfg.eps, lin_num=lin_num, lin_den=lin_den, **cache)
         self.recent_k, self.recent_v, self.real_seen = band_k, band_v, r1
         self.seen += 1
         return y
@@ -636,13 +635,13 @@ class LolaLayer(CacheLayerMixin):
         tok = call.inv.gather(1, (q_real - call.r0[:, None, None]).clamp(0, length - 1).view(b, -1))
         tok = torch.where(q_ok.view(b, -1), tok, length)                                   # [B,M*Q]
         q_both = _segments(_take(q_ext, tok), m)                                           # [M*B,H,Q,d|2d]
-        q_seg, fq_seg = softmax_part(q_both, d).contiguous(), attn.feature_map_q(map_part(q_both, d)).float()
+        q_seg, fq_seg = softmax_part(q_both, d), attn.feature_map_q(map_part(q_both, d)).float()
 
         k_real = seg_end[:, :, None] - r + torch.arange(r, device=dev)                    # [B,M,R] band
         first_live = snapshots["first_live"].t().clamp_min(self.sinks)                     # [B,M]
         live = (k_real >= first_live[:, :, None]) & (k_real < call.r1[:, None, None])
         src = call.source(k_real.view(b, -1))                                              # [B,M*R]
-        k_band = softmax_part(_segments(_take(ext_k, src), m), d).contiguous()             # [M*B,Hk,R,d]
+        k_band = softmax_part(_segments(_take(ext_k, src), m), d)                          # [M*B,Hk,R,d]
         v_band = _segments(_take(ext_v, src), m)
         win = in_window(q_real, k_real, cfg.window_mode, cfg.window, call.r1[:, None])     # [B,M,Q,R]
         causal = k_real[:, :, None, :] <= q_real[:, :, :, None]
@@ -677,7 +676,7 @@ class LolaLayer(CacheLayerMixin):
 
         cache = {}
         if cfg.global_size > 0:
-            cache = dict(cache_k=softmax_part(flat("k"), d).contiguous(), cache_v=flat("v"), cache_ok=flat("pos") >= 0)
+            cache = dict(cache_k=softmax_part(flat("k"), d), cache_v=flat("v"), cache_ok=flat("pos") >= 0)
         kernels = lola_kernels_for(q_ext, attn.attention_config.backend, d, fq_seg.shape[-1])
         fn = lola_attend if kernels is None else kernels.lola_attend_triton
         y = fn(q_seg, local_k, local_v, mask, fq_seg, flat("h"), flat("s"), sigma, ell, mixing=cfg.mixing,
@@ -763,6 +762,8 @@ def lola_bytes_per_sequence(*, num_layers: int, num_heads: int, num_kv_heads: in
 
 
 def kv_bytes_per_sequence(*, num_layers: int, num_kv_heads: int, head_dim: int, context: int,
-                          dtype_bytes: int = 2) -> int:
-    """Bytes per sequence of the softmax model's (GQA) KV cache at ``context`` tokens."""
-    return num_layers * 2 * num_kv_heads * context * head_dim * dtype_bytes
+                          dtype_bytes: int = 2, feature_map_rope: bool = True) -> int:
+    """Bytes per sequence of a (GQA) KV cache at ``context`` tokens: the softmax model's, or a linearized model's
+    under a DynamicCache (which holds [k | k_map] and v when ``feature_map_rope`` is false)."""
+    key_copies = 1 if feature_map_rope else 2
+    return num_layers * (1 + key_copies) * num_kv_heads * context * head_dim * dtype_bytes
