@@ -19,7 +19,7 @@ model_args (besides HFLM's own: batch_size, max_length, ...):
                  generation tasks (RULER niah_*) then prefill each prompt in the cache's blocks and generate through
                  it, one prompt at a time (batch_size=1); loglikelihood tasks are refused (they score in one
                  full-attention forward, which no cache bounds)
-    window, global, chunk, mixing, gqa, window_mode, update_every, dedup
+    window, global, chunk, mixing, gqa, window_mode, update_every, dedup, cache_weight (alias weight)
                  LoLA settings (lola_train.modeling.lola_cache.LolaCacheConfig) for cache=lola
     dtype        float32 (default) / bfloat16 / float16
 
@@ -48,7 +48,7 @@ LOCAL_TASKS = ("piqa_local", "arc_easy_local", "arc_challenge_local", "hellaswag
                "mmlu_local")
 CACHE_MODES = ("auto", "none", "lola")
 _LOLA_KEYS = ("window", "global", "global_size", "chunk", "chunk_size", "mixing", "gqa", "gqa_selection",
-              "window_mode", "update_every", "dedup")
+              "window_mode", "update_every", "dedup", "cache_weight", "weight")
 """model_args that are LoLA cache settings (LolaCacheConfig fields and their spec aliases)."""
 _registered = False
 

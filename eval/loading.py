@@ -47,14 +47,16 @@ from lola_train.modeling.attention_config import AttentionConfig
 from lola_train.modeling.lola_cache import LolaCacheConfig
 from lola_train.modeling.lola_ops import GQA_SELECTIONS
 
-CACHE_RE = re.compile(r"^lola:(\d+):(\d+)((?::(?:[a-z_]+|dedup[0-9.]+)){0,3})$")
+CACHE_RE = re.compile(r"^lola:(\d+):(\d+)((?::(?:[a-z_]+|dedup[0-9.]+|cw[0-9.]+)){0,4})$")
 WINDOW_RE = re.compile(r"^window:(\d+)$")
 SINK_RE = re.compile(r"^sink:(\d+):(\d+)(:orig)?$")
 TOVA_RE = re.compile(r"^tova:(\d+)$")
-BUDGET_RE = re.compile(r"^(sink|tova)@(lola:\d+:\d+(?::(?:[a-z_]+|dedup[0-9.]+)){0,3})$")
-SPEC_HELP = ("use 'full' (growing KV cache), 'lola:W:G[:fusion][:gqa][:dedupT]' (LoLA: window W, G global pairs; "
+BUDGET_RE = re.compile(r"^(sink|tova)@(lola:\d+:\d+(?::(?:[a-z_]+|dedup[0-9.]+|cw[0-9.]+)){0,4})$")
+SPEC_HELP = ("use 'full' (growing KV cache), 'lola:W:G[:fusion][:gqa][:dedupT][:cwX]' (LoLA: window W, G global "
+             "pairs; "
              "fusion lolcats | lola_code, default the trained one; gqa query_head (default) | kv_mean | kv_max; "
-             "dedupT: value-deduplicated selection at cosine threshold T, e.g. dedup0.98), 'window:W' "
+             "dedupT: value-deduplicated selection at cosine threshold T, e.g. dedup0.98; cwX: the sparse cache's "
+             "softmax weights times X, e.g. cw4), 'window:W' "
              "(linearized, linear branch off), 'sink:S:W[:orig]' (StreamingLLM: S sinks + W recent), 'tova:N' "
              "(TOVA eviction, N pairs per KV head) or 'sink@lola:W:G' / 'tova@lola:W:G' (sized to that LoLA cache's "
              "bytes), e.g. lola:64:256, lola:64:256:lola_code or sink@lola:64:256")
@@ -66,7 +68,8 @@ class CacheSpec:
 
     lola / window: ``window`` W, ``global_size`` G (0 for window), ``mixing``, ``gqa`` (the cache's GQA selection:
     per query head, or one per KV head by mean / max score, stored once per KV head), ``dedup`` (0 or the cosine
-    threshold of value-deduplicated selection, ``LolaCacheConfig.dedup``). sink: ``sinks`` S, ``window`` W,
+    threshold of value-deduplicated selection, ``LolaCacheConfig.dedup``), ``cache_weight`` (the sparse cache's
+    softmax weight factor, ``LolaCacheConfig.cache_weight``). sink: ``sinks`` S, ``window`` W,
     ``positions`` ('cache' or 'original'). tova: ``global_size`` N (pairs per KV head). ``budget`` (sink / tova
     before :meth:`resolve`): the LoLA spec whose bytes the baseline is sized to."""
 
@@ -79,6 +82,7 @@ class CacheSpec:
     budget: Optional[str] = None
     gqa: str = "query_head"
     dedup: float = 0.0
+    cache_weight: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> "CacheSpec":
@@ -104,8 +108,8 @@ class CacheSpec:
         m = CACHE_RE.match(text)
         if not m:
             raise ValueError(f"cache spec {text!r} is not valid; {SPEC_HELP}")
-        window, g, mixing, gqa, dedup = int(m.group(1)), int(m.group(2)), "auto", "query_head", 0.0
-        for part in filter(None, m.group(3).split(":")):  # a fusion, a GQA selection, a dedup, in any order
+        window, g, mixing, gqa, dedup, weight = int(m.group(1)), int(m.group(2)), "auto", "query_head", 0.0, 1.0
+        for part in filter(None, m.group(3).split(":")):  # a fusion, a GQA selection, dedup, weight, in any order
             if part in GQA_SELECTIONS:
                 gqa = part
             elif part.startswith("dedup"):
@@ -114,12 +118,18 @@ class CacheSpec:
                 except ValueError:
                     raise ValueError(f"cache spec {text!r}: {part!r} is not dedupT with a number T, e.g. "
                                      "dedup0.98") from None
+            elif part.startswith("cw"):
+                try:
+                    weight = float(part[len("cw"):])
+                except ValueError:
+                    raise ValueError(f"cache spec {text!r}: {part!r} is not cwX with a number X, e.g. cw4") from None
             else:
                 mixing = part
         if window < 1:
             raise ValueError(f"cache spec {text!r}: the window W must be >= 1")
-        LolaCacheConfig(window=window, global_size=g, mixing=mixing, gqa_selection=gqa, dedup=dedup)  # names errors
-        return cls("lola", window, g, mixing, gqa=gqa, dedup=dedup)
+        LolaCacheConfig(window=window, global_size=g, mixing=mixing, gqa_selection=gqa, dedup=dedup,
+                        cache_weight=weight)  # names errors
+        return cls("lola", window, g, mixing, gqa=gqa, dedup=dedup, cache_weight=weight)
 
     @property
     def label(self) -> str:
@@ -134,7 +144,8 @@ class CacheSpec:
         if self.kind == "tova":
             return f"tova:{self.global_size}"
         suffix = ("" if self.mixing == "auto" else f":{self.mixing}") + \
-            ("" if self.gqa == "query_head" else f":{self.gqa}") + ("" if not self.dedup else f":dedup{self.dedup:g}")
+            ("" if self.gqa == "query_head" else f":{self.gqa}") + ("" if not self.dedup else f":dedup{self.dedup:g}") + \
+            ("" if self.cache_weight == 1.0 else f":cw{self.cache_weight:g}")
         return f"lola:{self.window}:{self.global_size}{suffix}"
 
     @property
@@ -161,7 +172,7 @@ class CacheSpec:
     def lola_settings(self) -> Optional[LolaCacheConfig]:
         if self.kind == "lola":
             return LolaCacheConfig(window=self.window, global_size=self.global_size, mixing=self.mixing,
-                                   gqa_selection=self.gqa, dedup=self.dedup)
+                                   gqa_selection=self.gqa, dedup=self.dedup, cache_weight=self.cache_weight)
         if self.kind == "window":
             return LolaCacheConfig(window=self.window, global_size=0)
         return None

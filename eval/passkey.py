@@ -186,8 +186,8 @@ class NeedleProbe:
     (averaged over heads) in each memory of ``lola_ops.MEMORIES`` (recent = window or waiting for the next update,
     sink, cache, linear); None for other caches. Splitting the prompt does not change what the model computes."""
 
-    def __init__(self, model, sample: PasskeySample, question_tokens: int):
-        self.model, self.sample = model, sample
+    def __init__(self, model, sample: PasskeySample, question_tokens: int, pin: bool = False):
+        self.model, self.sample, self.pin = model, sample, pin
         self.question_start = len(sample.ids) - question_tokens
         self.result: list[dict] | None = None
         self._inside = False
@@ -206,6 +206,10 @@ class NeedleProbe:
         if self._inside or self.result is not None or ids is None or cache is None:
             return None
         seen, q = cache.get_seq_length(), self.question_start
+        if self.pin and seen == 0:  # diagnostic: the needle's pairs stay in every LoLA layer's sparse cache
+            for layer in getattr(cache, "layers", []):
+                if hasattr(layer, "memory_of"):
+                    layer.pinned = (self.sample.needle_start, self.sample.needle_start + self.sample.needle_tokens)
         if seen < q < seen + ids.shape[1]:  # run the tokens before the question first
             self._inside = True
             try:
@@ -246,9 +250,10 @@ def needle_summary(per_layer: Sequence[dict]) -> str:
 
 def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str, cache_label: str,
               prefill_chunk: int = 1024, budget_bytes: int | None = None, estimate=None,
-              log=print) -> list[CellResult]:
+              log=print, pin_needle: bool = False) -> list[CellResult]:
     """Run the samples (already grouped) on one model with its cache already switched on; one CellResult per
-    (length, depth). Cells whose estimated cache bytes exceed ``budget_bytes`` are skipped, not run."""
+    (length, depth). Cells whose estimated cache bytes exceed ``budget_bytes`` are skipped, not run.
+    ``pin_needle`` (a diagnostic): LoLA layers keep the needle's pairs in their sparse cache (``LolaLayer.pinned``)."""
     import torch
 
     from .streaming import greedy_generate
@@ -264,7 +269,7 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
                            f"{budget_bytes / 2**20:.1f} MiB")
             continue
         t0 = time.perf_counter()
-        with NeedleProbe(model, s, question_tokens) as probe:
+        with NeedleProbe(model, s, question_tokens, pin=pin_needle) as probe:
             out = greedy_generate(model, torch.tensor([s.ids], device=device), max_new_tokens=MAX_NEW_TOKENS,
                                   prefill_chunk=prefill_chunk, eos_token_id=tokenizer.eos_token_id, stop=stop)
         cell.seconds += time.perf_counter() - t0
@@ -411,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per forward (bounds activations)")
     p.add_argument("--memory-budget-mb", type=float, default=None,
                    help="skip cells whose cache would exceed this many MiB per sequence")
+    p.add_argument("--pin-needle", action="store_true",
+                   help="diagnostic: the LoLA caches keep the needle's pairs (oracle selection for the needle), so "
+                        "a miss that remains is the fusion's, not the selection's")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="results/passkey", help="output folder: passkey.json, passkey.png")
@@ -458,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"== {label} ({source}) cache {spec.label}")
             all_cells += run_model(model, tok, samples, label=label, cache_label=spec.label,
                                    prefill_chunk=args.prefill_chunk, budget_bytes=budget,
+                                   pin_needle=args.pin_needle and label == "linearized",
                                    estimate=lambda n, m=model, sp=spec: estimate_cache_bytes(m, sp, n))
             write_results(out, args, all_cells, time.perf_counter() - t_start)  # after every cache: partial
         del model

@@ -79,7 +79,8 @@ def _model_args(source: str, cache: str) -> str:
     if spec.kind == "window":
         raise ValueError(f"cache {cache!r} (linear branch off) is not wired into lm-eval; use passkey / perplexity")
     return model_args + (f",cache=lola,window={spec.window},global={spec.global_size},mixing={spec.mixing},"
-                         f"gqa={spec.gqa}" + (f",dedup={spec.dedup:g}" if spec.dedup else ""))
+                         f"gqa={spec.gqa}" + (f",dedup={spec.dedup:g}" if spec.dedup else "") +
+                         (f",cache_weight={spec.cache_weight:g}" if spec.cache_weight != 1.0 else ""))
 
 
 def run_ruler(args, label: str, source: str, cache: str, out: Path) -> None:

@@ -111,7 +111,7 @@ def _lola_signature(kernel, io_dtype: str, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in _LOLA_INT_ARGS:
             sig[name] = "i32"
-        elif name in ("scale", "eps"):
+        elif name in ("scale", "eps", "cache_bias"):
             sig[name] = "fp32"
         elif name in ("Q", "K", "V", "K2", "V2"):
             sig[name] = f"*{io_dtype}"

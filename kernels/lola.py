@@ -42,15 +42,15 @@ MAX_FEATURE_WIDTH = 128
 
 
 @triton.jit
-def _softmax_block(acc, l_w, m, q, K, V, kv_off, j0, n_keys, vis_row, cd, d, d_ok, scale,
+def _softmax_block(acc, l_w, m, q, K, V, kv_off, j0, n_keys, vis_row, cd, d, d_ok, scale, bias,
                    BM: tl.constexpr, PREC: tl.constexpr):
     """One block of BM keys (rows j0.. of K, V at kv_off) into the online softmax (acc, l_w, m); vis_row [BQ, BM]:
-    visibility of the block's keys (already False past n_keys)."""
+    visibility of the block's keys (already False past n_keys); ``bias`` is added to the block's logits."""
     j = j0 + tl.arange(0, BM)
     j_ok = j < n_keys
     k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    s = tl.where(vis_row, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
+    s = tl.where(vis_row, tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp(m - m_new)
     p = tl.exp(s - m_new[:, None])  # 0 where not visible
@@ -61,11 +61,11 @@ def _softmax_block(acc, l_w, m, q, K, V, kv_off, j0, n_keys, vis_row, cd, d, d_o
 
 @triton.jit
 def _lola_attn_kernel(Q, K, V, MASK, K2, V2, OK2, FQ, HS, SS, LN, LD, SIG, ELL, Y,
-                      Lq, M, M2, H, G, G2, d, D, scale, eps, msb, msh, msq, msm,
+                      Lq, M, M2, H, G, G2, d, D, scale, eps, cache_bias, msb, msh, msq, msm,
                       MIXING: tl.constexpr, HAS_LIN: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr,
                       DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr, HAS_CACHE: tl.constexpr = False):
     """Y[bh, rows] for one block of BQ query rows of one (batch, head); see the module docstring. G, G2: query
-    heads per head of (K, V) and of the cache (K2, V2, OK2; read only with HAS_CACHE)."""
+    heads per head of (K, V) and of the cache (K2, V2, OK2; read only with HAS_CACHE, logits + cache_bias)."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -87,14 +87,14 @@ def _lola_attn_kernel(Q, K, V, MASK, K2, V2, OK2, FQ, HS, SS, LN, LD, SIG, ELL, 
     for j0 in range(0, M, BM):  # local keys (sinks, window), visibility per query
         j = j0 + tl.arange(0, BM)
         vis = tl.load(m_base + j[None, :] * msm, mask=row_ok[:, None] & (j < M)[None, :], other=0) != 0
-        acc, l_w, m = _softmax_block(acc, l_w, m, q, K, V, kv_off, j0, M, vis, cd, d, d_ok, scale, BM, PREC)
+        acc, l_w, m = _softmax_block(acc, l_w, m, q, K, V, kv_off, j0, M, vis, cd, d, d_ok, scale, 0.0, BM, PREC)
     if HAS_CACHE:  # the global cache, one validity flag per slot
         c_head = b * (H // G2) + h // G2
         for j0 in range(0, M2, BM):
             j = j0 + tl.arange(0, BM)
             ok = tl.load(OK2 + c_head * M2 + j, mask=j < M2, other=0) != 0
             acc, l_w, m = _softmax_block(acc, l_w, m, q, K2, V2, c_head * M2 * d, j0, M2,
-                                         row_ok[:, None] & ok[None, :], cd, d, d_ok, scale, BM, PREC)
+                                         row_ok[:, None] & ok[None, :], cd, d, d_ok, scale, cache_bias, BM, PREC)
     m = tl.where(m > _NEG, m, 0.0)  # rows with no softmax key (acc = l_w = 0 there)
 
     fq = tl.load(FQ + bh * Lq * D + i[:, None] * D + cf[None, :], mask=row_ok[:, None] & f_ok[None, :],
@@ -235,20 +235,23 @@ def _state_check(h_state, s_state, b, h, dd, d, what):
 
 def lola_attend_triton(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str = "lolcats",
                        eps: float = 1e-6, lin_num=None, lin_den=None, cache_k=None, cache_v=None, cache_ok=None,
-                       scale: float | None = None, precision: str = "ieee") -> torch.Tensor:
+                       cache_weight: float = 1.0, scale: float | None = None, precision: str = "ieee") -> torch.Tensor:
     """LoLA attention of a batch of segments: queries against their softmax set and linear state.
 
     q [B,H,Lq,d]; local keys k, v [B,Hk,M,d] (Hk divides H; query head h reads h // (H/Hk)) with mask [B,H or 1,
     Lq,M] bool (True = key j is in the softmax set of query i); optional cache keys cache_k, cache_v [B,Hs,G,d]
     (Hs divides H) with cache_ok [B,Hs,G] bool (valid slots, visible to every query); fq [B,H,Lq,D];
     h_state [B,H,D,d], s_state [B,H,D] float32; sigma, ell [H]; optional extra linear terms lin_num [B,H,Lq,d],
-    lin_den [B,H,Lq] (e.g. recent pairs not yet folded), added to fq @ H and fq @ s. ``scale`` defaults to
+    lin_den [B,H,Lq] (e.g. recent pairs not yet folded), added to fq @ H and fq @ s; ``cache_weight`` w > 0
+    multiplies the cache keys' softmax weights (their logits + log w). ``scale`` defaults to
     1/sqrt(d). Returns y [B,H,Lq,d] float32, equal to ``lola_ops.lola_attend`` with the same arguments.
     """
     what = "lola_attend_triton"
     _device_check(q, what)
     if mixing not in MIXING_CODES:
         raise ValueError(f"lola_cache.mixing={mixing!r} is not valid; choose one of {', '.join(MIXING_CODES)}")
+    if not 0 < cache_weight < float("inf"):
+        raise ValueError(f"{what}: cache_weight={cache_weight!r} must be a finite number > 0")
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"{what}: precision={precision!r} must be 'ieee' (exact fp32) or 'tf32'")
     if q.dim() != 4:
@@ -305,7 +308,8 @@ def lola_attend_triton(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixin
     _lola_attn_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), mk, k2, v2, ok2, fq.contiguous(),
                             h_state.contiguous(), s_state.contiguous(), ln, ld, sigma.float().contiguous(),
                             ell.float().contiguous(), y, lq, m, m2, h, h // hk, g2, d, dd,
-                            1.0 / math.sqrt(d) if scale is None else float(scale), float(eps), msb, msh, msq, msm,
+                            1.0 / math.sqrt(d) if scale is None else float(scale), float(eps),
+                            math.log(cache_weight), msb, msh, msq, msm,
                             MIXING=MIXING_CODES[mixing], HAS_LIN=has_lin, HAS_CACHE=has_cache, BQ=bq, BM=bm,
                             DH=_pow2(d), DF=_pow2(dd), PREC=precision, num_warps=4)
     return y

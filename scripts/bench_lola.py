@@ -4,6 +4,7 @@
     python scripts/bench_lola.py --out bench_lola.json [--contexts 1024 16384 65536] [--prefill 512 2048 8192 32768]
         [--batches 1 4] [--max-sdpa-seconds 240] [--lola-cache 'window=64 global=768 gqa=kv_max dedup=0.98']
         [--attention 'linear_decay=256 feature_map_rope=false sink_tokens=4 mixing=lola_code']
+    python scripts/bench_lola.py --profile 2048 --out profile.json [--lola-cache ...] [--attention ...]
 
 ``--lola-cache`` (a LoLA cache spec, default 'window=64 global=256') and ``--attention`` (key=value options of the
 conversion, on top of window 64 sw) set what the LoLA side runs; the weights are the untrained conversion either
@@ -129,6 +130,48 @@ def point_prefill(kind: str, length: int, batch: int, chunk: int) -> dict:
                 tokens_per_s=batch * length / seconds, rss_after_load_mib=rss_loaded, peak_rss_mib=rss_peak_mib())
 
 
+def profile_prefill(length: int, chunk: int, rows: int = 15) -> dict:
+    """Where a LoLA prefill of ``length`` tokens (batch 1) spends its time: torch.profiler's self CPU time per op
+    (after a 256-token warm-up), next to the wall time of the same prompt through SDPA. Prints a table."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    from lola_train.lola import prefill
+    from lola_train.modeling.lola_cache import LolaCache
+
+    times = {}
+    for kind in ("sdpa", "lola"):
+        model = load(kind)
+        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+
+        def run(x):
+            if kind == "lola":
+                prefill(model, x, LolaCache(model.config, LOLA), chunk_tokens=chunk)
+            else:
+                model(x, cache=DynamicCache(config=model.config), logits_to_keep=1)
+        with torch.no_grad():
+            run(ids[:, :256])
+            t = time.perf_counter()
+            if kind == "lola":
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    run(ids)
+            else:
+                run(ids)
+            times[kind] = time.perf_counter() - t
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6
+    top = [dict(op=e.key, self_s=e.self_cpu_time_total / 1e6, calls=e.count) for e in ops[:rows]]
+    print(f"prefill {length} tokens, batch 1, {THREADS} threads: SDPA {times['sdpa']:.2f} s "
+          f"({length / times['sdpa']:.0f} tok/s); LoLA {times['lola']:.2f} s under the profiler "
+          f"({length / times['lola']:.0f} tok/s), profiled self CPU {total:.2f} s\n")
+    print("| op | self CPU s | share | calls |\n|---|---|---|---|")
+    for r in top:
+        print(f"| {r['op']} | {r['self_s']:.2f} | {r['self_s'] / total:.0%} | {r['calls']} |")
+    return dict(part="profile", length=length, sdpa_seconds=times["sdpa"], lola_seconds_profiled=times["lola"],
+                profiled_self_cpu_s=total, top_ops=top)
+
+
 def run_point(args: list[str]) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, __file__, "--point", *args], capture_output=True, text=True, env=env)
@@ -151,6 +194,7 @@ def extrapolate(points: list[tuple[int, float]], length: int) -> float | None:
 
 
 def main() -> None:
+    global LOLA, ATTENTION
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_lola.json")
     ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 16384, 65536])
@@ -162,9 +206,19 @@ def main() -> None:
     ap.add_argument("--sdpa-always-upto", type=int, default=8192, help="SDPA points up to this length always run")
     ap.add_argument("--lola-cache", default=LOLA, help="LoLA cache spec of the lola side, e.g. 'window=64 global=256'")
     ap.add_argument("--attention", default=ATTENTION, help="conversion options of the lola side, 'key=value ...'")
+    ap.add_argument("--profile", type=int, metavar="TOKENS",
+                    help="instead of the tables: where one LoLA prefill of TOKENS spends its time (torch.profiler)")
     ap.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ["BENCH_LOLA_CACHE"], os.environ["BENCH_ATTENTION"] = args.lola_cache, args.attention  # for the points
+    if args.profile:
+        LOLA, ATTENTION = args.lola_cache, args.attention
+        result = profile_prefill(args.profile, args.chunk)
+        with open(args.out, "w") as f:
+            json.dump(dict(lola=args.lola_cache, attention=args.attention, chunk=args.chunk, threads=THREADS,
+                           **result), f, indent=1)
+        print(f"\nwrote {args.out}")
+        return
     if args.point:
         part, kind, *rest = args.point
         if part == "decode":

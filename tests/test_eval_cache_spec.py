@@ -22,6 +22,9 @@ def test_cache_specs_round_trip():
     spec = CacheSpec.parse("lola:64:768:dedup0.98:kv_max")
     assert spec.label == "lola:64:768:kv_max:dedup0.98" and spec.lola_settings().dedup == 0.98
     assert CacheSpec.parse("sink@lola:64:768:kv_max:dedup0.98").budget == "lola:64:768:kv_max:dedup0.98"
+    spec = CacheSpec.parse("lola:64:768:cw4:kv_max:dedup0.98")
+    assert spec.label == "lola:64:768:kv_max:dedup0.98:cw4" and spec.lola_settings().cache_weight == 4.0
+    assert CacheSpec.parse("lola:64:768").lola_settings().cache_weight == 1.0
 
 
 def test_bad_cache_specs_name_the_problem():
@@ -33,6 +36,10 @@ def test_bad_cache_specs_name_the_problem():
         CacheSpec.parse("lola:64:8:dedup0.9.9")
     with pytest.raises(ConfigError, match="lola_cache.dedup"):
         CacheSpec.parse("lola:64:8:dedup2")
+    with pytest.raises(ValueError, match="'cw1.2.3' is not cwX"):
+        CacheSpec.parse("lola:64:8:cw1.2.3")
+    with pytest.raises(ConfigError, match="lola_cache.cache_weight"):
+        CacheSpec.parse("lola:64:8:cw0")
 
 
 def test_gqa_selection_counts_in_the_bytes():

@@ -93,6 +93,33 @@ def test_lola_attend_is_one_fusion_over_both_key_sets():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_cache_weight_is_a_logit_offset_of_the_cache_block():
+    """cache_weight w (lola_cache.cache_weight): the cache keys' softmax weights times w, i.e. their logits + log w,
+    in the PyTorch twin and in the kernel; w = 1 is the plain call, and the local keys are untouched."""
+    from lola_train.modeling.lola_ops import fuse
+    (q, k, v, mask, fq, hs, ss, sigma, ell, ln, ld), cache = attend_inputs(2, 4, 2, 9, 13, 16, 8, mask_heads=1,
+                                                                          cache_heads=2, g_cache=6, scale=2.0)
+    for mixing in ("lolcats", "lola_code"):
+        plain = lola_attend(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln, lin_den=ld, **cache)
+        torch.testing.assert_close(lola_attend(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln,
+                                               lin_den=ld, cache_weight=1.0, **cache), plain)
+        got = lola_attend(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln, lin_den=ld,
+                          cache_weight=5.0, **cache)
+        logits = torch.cat([q @ expand_heads(k, 4).transpose(-1, -2) / 4.0,
+                            q @ expand_heads(cache["cache_k"], 4).transpose(-1, -2) / 4.0 + math.log(5.0)], -1)
+        both = torch.cat([mask.expand(-1, 4, -1, -1),
+                          expand_heads(cache["cache_ok"][:, :, None].expand(-1, -1, 9, -1), 4)], -1)
+        want = fuse(logits, both, torch.cat([expand_heads(v, 4), expand_heads(cache["cache_v"], 4)], 2),
+                    fq @ hs + ln, (fq @ ss.unsqueeze(-1)).squeeze(-1) + ld, sigma, ell, mixing=mixing)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, plain, atol=1e-3)
+        kern = kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, mixing=mixing, lin_num=ln, lin_den=ld,
+                                     cache_weight=5.0, **cache)
+        assert_close(kern, got, 2e-5, f"y ({mixing}, cache_weight 5)")
+    with pytest.raises(ValueError, match="cache_weight=0.0 must be a finite number > 0"):
+        kl.lola_attend_triton(q, k, v, mask, fq, hs, ss, sigma, ell, cache_weight=0.0, **cache)
+
+
 ATTEND_CASES = [
     # (b, h, hk, lq, m, d, D, mask_heads, extra linear terms, logit scale, cache heads, cache slots)
     pytest.param(1, 2, 2, 1, 50, 64, 32, 2, False, 1.0, 0, 0, id="decode-d64"),
@@ -250,7 +277,7 @@ def test_select_and_fold_dispatch_matches_torch():
 def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
     """A tiny LolaLayer run (a batched prefill over 3 chunks with cache updates, then decode steps; left padding;
     sinks in the second run, a linear decay in the third, feature maps of other keys (feature_map_rope false) and
-    value-deduplicated selection in the fourth) with attention.backend 'triton' (the kernels, counted) against
+    value-deduplicated selection and a cache weight of 4 in the fourth) with attention.backend 'triton' (the kernels, counted) against
     'chunked'."""
     from lola_train.convert import convert
     from lola_train.models import load_model
@@ -289,7 +316,7 @@ def test_lola_layer_triton_backend_matches_chunked(monkeypatch):
             ("lola_code", "query_head", 2, 0.8, True), ("lola_code", "kv_max", 2, 0.8, False))
     for mixing, gqa, sinks, gamma, rope in runs:  # gamma: a trained linear decay (folds weighted by gamma^age)
         settings = LolaCacheConfig(window=w, global_size=3, chunk_size=w, mixing=mixing, gqa_selection=gqa,
-                                   dedup=0.0 if rope else 0.98)
+                                   dedup=0.0 if rope else 0.98, cache_weight=1.0 if rope else 4.0)
         monkeypatch.setattr(attn.attention_config, "sink_tokens", sinks)
         monkeypatch.setattr(attn.attention_config, "feature_map_rope", rope)
         maps = {} if rope else dict(q_map=q_map, k_map=k_map)

@@ -2,6 +2,8 @@
 fusions, GQA selections, sinks, odd lengths, mixed left padding, any split into calls), per-row update timing (a
 padded row equals the row alone), the plain hybrid layer (G = 0, a large window, a large cache), the coverage
 invariant and the memory attribution, and bad settings. Random q, k, v fed straight into LolaLayer.attend."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,7 +83,7 @@ def reference(layer_attn, settings, q, k, v, mask):
                               chunk_size=s.chunk_size, window_mode=s.window_mode, mixing=s.mixing,
                               gqa_selection=s.gqa_selection, key_mask=mask,
                               sink_tokens=layer_attn.attention_config.sink_tokens, decay=layer_attn.decay(),
-                              dedup=s.dedup)
+                              dedup=s.dedup, cache_weight=s.cache_weight)
 
 
 SPLITS = {"prefill": [23], "decode": [1] * 23, "mixed": [5, 1, 1, 9, 7]}
@@ -136,6 +138,48 @@ def test_deduplicated_selection_matches_reference(attn, trained, mode, chunk, gq
     for name, split in SPLITS.items():
         y, _ = stream(attn, cfg, q, k, v, mask, split)
         torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode,chunk", [("sliding", 3), ("chunk", 4)])
+@pytest.mark.parametrize("mixing", ["lolcats", "lola_code"])
+@pytest.mark.parametrize("gqa,sinks,decay", [("query_head", 0, None), ("kv_max", 2, 16)])
+def test_cache_weight_matches_reference(attn, trained, mode, chunk, mixing, gqa, sinks, decay):
+    """lola_cache.cache_weight w: the sparse cache's pairs weigh w e^s in the streaming path (prefill, decode, any
+    split) as in the reference; the window, the sinks and the linear memory are unchanged, so with G = 0 the
+    weight changes nothing and with G > 0 it changes the output."""
+    trained(sink_tokens=sinks, linear_decay=decay)
+    q, k, v, mask = inputs(23)
+    cfg = LolaCacheConfig(window=W, global_size=3, chunk_size=chunk, window_mode=mode, gqa_selection=gqa,
+                          mixing=mixing, cache_weight=6.0)
+    y_ref, _ = reference(attn, cfg, q, k, v, mask)
+    y_plain, _ = reference(attn, dataclasses.replace(cfg, cache_weight=1.0), q, k, v, mask)
+    assert not torch.allclose(y_ref, y_plain, atol=1e-4)
+    for name, split in SPLITS.items():
+        y, _ = stream(attn, cfg, q, k, v, mask, split)
+        torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5, msg=name)
+    no_cache = dataclasses.replace(cfg, global_size=0)
+    torch.testing.assert_close(stream(attn, no_cache, q, k, v, mask, [23])[0],
+                               stream(attn, dataclasses.replace(no_cache, cache_weight=1.0), q, k, v, mask, [23])[0])
+
+
+def test_pinned_positions_stay_in_the_cache(attn, trained):
+    """LolaLayer.pinned (the passkey --pin-needle diagnostic): the pinned real positions rank first at every
+    update, so after the prompt they are all in the sparse cache, which plain selection does not give here."""
+    trained()
+    q, k, v, mask = inputs(23)
+    cfg = LolaCacheConfig(window=W, global_size=3, chunk_size=3, gqa_selection="kv_max")
+    keep = torch.arange(2, 5)
+
+    def memory(pin):
+        lay = LolaLayer(cfg)
+        lay.pinned = pin
+        with torch.no_grad():
+            lay.attend(attn, q, k, v, mask)
+        return lay.memory_of(keep)[0]                                            # row 0, unpadded: [H, 3]
+
+    cache = MEMORIES.index("cache")
+    assert (memory((2, 5)) == cache).all()
+    assert not (memory(None) == cache).all()
 
 
 def test_deduplicated_selection_keeps_one_pair_per_repeated_value():
@@ -386,6 +430,10 @@ def test_settings_errors_name_the_field():
     for bad in (1.5, -0.1, "0.9", True):
         with pytest.raises(ConfigError, match="lola_cache.dedup"):
             LolaCacheConfig(dedup=bad)
+    for bad in (0, -1.0, float("inf"), True, "big"):
+        with pytest.raises(ConfigError, match="lola_cache.cache_weight"):
+            LolaCacheConfig(cache_weight=bad)
+    assert LolaCacheConfig.from_spec("lola weight=20").cache_weight == 20.0
     with pytest.raises(ConfigError, match="dedup='high' is not a number"):
         LolaCacheConfig.from_spec("lola dedup=high")
     assert LolaCacheConfig.from_spec("lola dedup=0.98").dedup == 0.98

@@ -71,6 +71,11 @@ class LolaCacheConfig:
     dedup:         0 (off, as LoLA) or a cosine threshold in (0, 1]: at each update a candidate whose value is at
                    least that similar to a better-scored candidate's is ranked after all others, so the cache does
                    not fill with near-copies of one value (lola_ops.demote_duplicates).
+    cache_weight:  w > 0 multiplies the softmax weight e^s of every sparse-cache pair (a logit offset of log w;
+                   the window and the sinks keep the trained weights). 1 (default) = the trained fusion, which never
+                   saw a far pair in its softmax set. Ours: a model trained with a window only can under-weight the
+                   cached pairs against the linear memory; BENCHMARKS.md ("Long-context fidelity") measures what
+                   w trades (retrieval for perplexity).
     eps:           epsilon of the self-recall error and of the 'lola_code' denominator.
     """
 
@@ -82,6 +87,7 @@ class LolaCacheConfig:
     mixing: str = "auto"
     gqa_selection: str = "query_head"
     dedup: float = 0.0
+    cache_weight: float = 1.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -101,6 +107,10 @@ class LolaCacheConfig:
         if isinstance(self.dedup, bool) or not isinstance(self.dedup, (int, float)) or not 0 <= self.dedup <= 1:
             raise ConfigError(f"{prefix}dedup={self.dedup!r} is not valid; it must be 0 (off) or a cosine "
                               "similarity threshold in (0, 1], e.g. 0.98")
+        if (isinstance(self.cache_weight, bool) or not isinstance(self.cache_weight, (int, float))
+                or not 0 < self.cache_weight < float("inf")):
+            raise ConfigError(f"{prefix}cache_weight={self.cache_weight!r} is not valid; it must be a finite number "
+                              "> 0 (1 = the trained fusion's weighting of the sparse cache)")
         if not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ConfigError(f"{prefix}eps={self.eps!r} is not valid; it must be a number > 0 (default 1e-6)")
         return self
@@ -132,7 +142,8 @@ class LolaCacheConfig:
         raise ConfigError(f"lola_cache must be a LolaCacheConfig, a mapping or a 'key=value ...' string, got "
                           f"{type(value).__name__}")
 
-    ALIASES = {"global": "global_size", "chunk": "chunk_size", "mode": "window_mode", "gqa": "gqa_selection"}
+    ALIASES = {"global": "global_size", "chunk": "chunk_size", "mode": "window_mode", "gqa": "gqa_selection",
+               "weight": "cache_weight"}
 
     @classmethod
     def from_spec(cls, spec: str) -> "LolaCacheConfig":
@@ -152,7 +163,7 @@ class LolaCacheConfig:
                                   f"(aliases: {', '.join(cls.ALIASES)})")
             if raw.lower() in ("none", "null"):
                 values[key] = None
-            elif key in ("eps", "dedup"):
+            elif key in ("eps", "dedup", "cache_weight"):
                 try:
                     values[key] = float(raw)
                 except ValueError:
@@ -231,6 +242,9 @@ class LolaLayer(CacheLayerMixin):
 
     SEGMENT_BLOCK_TOKENS = 512
     """Queries attended per batched step of a long call: bounds the memory of the per-chunk cache snapshots."""
+    pinned: tuple[int, int] | None = None
+    """Diagnostic (``lola_eval.passkey --pin-needle``): real positions [a, b) rank before every other candidate at
+    each update, so they stay in the sparse cache (an oracle selection for them); None = plain selection."""
 
     def __init__(self, settings: LolaCacheConfig | Mapping[str, Any] | None = None, **kwargs):
         super().__init__()
@@ -503,7 +517,8 @@ class LolaLayer(CacheLayerMixin):
             mask = torch.cat([mask.new_ones(b, 1, 1, self.sinks), mask], dim=-1)
         cache = {}
         if cfg.global_size > 0:
-            cache = dict(cache_k=softmax_part(self.cache_k, d), cache_v=self.cache_v, cache_ok=self.cache_pos >= 0)
+            cache = dict(cache_k=softmax_part(self.cache_k, d), cache_v=self.cache_v, cache_ok=self.cache_pos >= 0,
+                         cache_weight=cfg.cache_weight)
         sigma, ell = mixing_weights(attn.window_factors, cfg.mixing, attn.attention_config.affine_attention_factors)
         kernels = lola_kernels_for(q, attn.attention_config.backend, d, fq.shape[-1])
         fn = lola_attend if kernels is None else kernels.lola_attend_triton
@@ -606,7 +621,9 @@ class LolaLayer(CacheLayerMixin):
                                         head_axis=1)
         select_and_fold(cand["k"], cand["v"], cand["pos"], cand["fk"], h_state, s_state, global_size=g,
                         gqa_selection=cfg.gqa_selection, eps=cfg.eps, backend=attn.attention_config.backend,
-                        fold_weight=fold_weight, dedup=cfg.dedup)
+                        fold_weight=fold_weight, dedup=cfg.dedup,
+                        pinned=None if self.pinned is None else
+                        (cand["pos"] >= self.pinned[0]) & (cand["pos"] < self.pinned[1]))
         if rows is not None:
             for name, t in cand.items():
                 work[name].index_copy_(0, rows, t)
@@ -676,7 +693,8 @@ class LolaLayer(CacheLayerMixin):
 
         cache = {}
         if cfg.global_size > 0:
-            cache = dict(cache_k=softmax_part(flat("k"), d), cache_v=flat("v"), cache_ok=flat("pos") >= 0)
+            cache = dict(cache_k=softmax_part(flat("k"), d), cache_v=flat("v"), cache_ok=flat("pos") >= 0,
+                         cache_weight=cfg.cache_weight)
         kernels = lola_kernels_for(q_ext, attn.attention_config.backend, d, fq_seg.shape[-1])
         fn = lola_attend if kernels is None else kernels.lola_attend_triton
         y = fn(q_seg, local_k, local_v, mask, fq_seg, flat("h"), flat("s"), sigma, ell, mixing=cfg.mixing,

@@ -192,7 +192,8 @@ def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, 
 
 def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, global_size: int,
                     gqa_selection: str = "query_head", eps: float = 1e-6, backend: str = "auto",
-                    fold_weight: torch.Tensor | None = None, dedup: float = 0.0) -> None:
+                    fold_weight: torch.Tensor | None = None, dedup: float = 0.0,
+                    pinned: torch.Tensor | None = None) -> None:
     """One cache update (spec 4.2 'update', 4.5), in place.
 
     The candidates are the cache (the first G = global_size slots) followed by N pairs leaving the window:
@@ -204,7 +205,8 @@ def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, glob
     ``backend`` (attention.backend) picks the Triton kernels for the scores and the fold (:func:`lola_kernels_for`).
     ``fold_weight`` [B,H,G+N] (decay: gamma^(u - position)) multiplies phi_k of the pairs that are folded; the
     scores use the unweighted phi_k. ``dedup`` > 0: candidates whose value nearly copies a better candidate's are
-    ranked last (:func:`demote_duplicates`).
+    ranked last (:func:`demote_duplicates`). ``pinned`` [B,Hs,G+N] bool (a diagnostic): those candidates rank
+    before all others.
     """
     heads, hs = h_state.shape[1], cand_k.shape[1]
     groups, g, n = heads // hs, global_size, cand_pos.shape[-1] - global_size
@@ -218,6 +220,8 @@ def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, glob
         score = group_scores(sre, groups, gqa_selection).masked_fill(~valid, float("-inf"))
         if dedup > 0:
             score = demote_duplicates(score, cand_v, cand_pos, dedup)
+        if pinned is not None:
+            score = torch.where(pinned & valid, float("inf"), score)
         order = score.argsort(dim=-1, descending=True)                    # [B,Hs,G+N]
     else:
         order = torch.arange(g + n, device=cand_pos.device).expand(cand_pos.shape)
@@ -334,14 +338,16 @@ def fuse(soft_logits, soft_mask, soft_v, lin_num, lin_den, sigma, ell, *, mixing
 
 
 def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6,
-                lin_num=None, lin_den=None, cache_k=None, cache_v=None, cache_ok=None) -> torch.Tensor:
+                lin_num=None, lin_den=None, cache_k=None, cache_v=None, cache_ok=None,
+                cache_weight: float = 1.0) -> torch.Tensor:
     """Attention of S independent segments against their memories (the PyTorch twin of ``lola_kernels.lola.
     lola_attend_triton``, same arguments).
 
     q [S,H,Lq,d]; local softmax keys k, v [S,Hk,M,d] (sinks and recent pairs, per KV head) with mask [S,1 or H,
     Lq,M]; optional cache keys cache_k, cache_v [S,Hs,G,d] with cache_ok [S,Hs,G] (Hk and Hs divide H);
     fq [S,H,Lq,D]; the linear state h_state [S,H,D,d], s_state [S,H,D] float32 plus optional extra linear terms
-    lin_num [S,H,Lq,d], lin_den [S,H,Lq] (recent pairs out of the window, not yet scored). Returns y [S,H,Lq,d]
+    lin_num [S,H,Lq,d], lin_den [S,H,Lq] (recent pairs out of the window, not yet scored); ``cache_weight`` w
+    multiplies the cache keys' softmax weights (logits + log w; ``lola_cache.cache_weight``). Returns y [S,H,Lq,d]
     float32 = the fusion over J = (visible local keys) u (valid cache keys).
     """
     s, h, lq, d = q.shape
@@ -350,7 +356,10 @@ def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str 
     m = local.amax(-1, keepdim=True)
     if cache_k is not None:  # the cache block per storage head: [S,Hs,(H/Hs) Lq,G]
         hs = cache_k.shape[1]
-        cached, c_visible = hide(qf.reshape(s, hs, -1, d) @ cache_k.float().transpose(-1, -2), cache_ok.unsqueeze(2))
+        logits = qf.reshape(s, hs, -1, d) @ cache_k.float().transpose(-1, -2)
+        if cache_weight != 1.0:
+            logits += math.log(cache_weight)
+        cached, c_visible = hide(logits, cache_ok.unsqueeze(2))
         m = torch.maximum(m, cached.amax(-1, keepdim=True).view(s, h, lq, 1))
     m = torch.where(m > -HIDDEN / 2, m, torch.zeros_like(m))
     num, den = exp_sums(local, visible, m, v)
@@ -369,7 +378,8 @@ def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str 
 def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int, chunk_size: int | None = None,
                    update_positions=None, window_mode: str = "sliding", mixing: str = "lolcats",
                    gqa_selection: str = "query_head", key_mask: torch.Tensor | None = None, sink_tokens: int = 0,
-                   decay: torch.Tensor | None = None, dedup: float = 0.0, eps: float = 1e-6):
+                   decay: torch.Tensor | None = None, dedup: float = 0.0, cache_weight: float = 1.0,
+                   eps: float = 1e-6):
     """Quadratic LoLA over one call (a test oracle; O(L^2) memory per row).
 
     q [B,H,L,d], k, v [B,Hk,L,d] (Hk divides H), fq [B,H,L,D], fk [B,H,L,D] (phi_k of the keys, per query head),
@@ -378,7 +388,7 @@ def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int
     ``chunk_size``). 'tk' aligns its blocks to the row's number of real tokens. ``decay`` gamma [H] weighs the
     linear term of query r and key j by gamma^(r - j), and the state scored at update u by gamma^(u - j).
     ``dedup`` > 0: a candidate whose value is that cosine-similar to a better-scored candidate's is ranked after all
-    others (``lola_cache.dedup``).
+    others (``lola_cache.dedup``). ``cache_weight`` w: the softmax weight of a pair in the sparse cache is w e^s.
     Returns (y [B,H,L,d] float32, 0 at padding; cached [B,H,L] bool: in the sparse cache after the last update).
     """
     b, h, length, d = q.shape
@@ -397,14 +407,14 @@ def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int
         yr, cached = _reference_row(qr, kr, vr, fqr, fkr, sigma, ell, window=window, global_size=global_size,
                                     updates=updates, window_mode=window_mode, mixing=mixing, groups=groups,
                                     gqa_selection=gqa_selection, sink_tokens=sink_tokens, decay=decay,
-                                    dedup=dedup, eps=eps)
+                                    dedup=dedup, cache_weight=cache_weight, eps=eps)
         y[row][:, idx] = yr
         cached_out[row][:, idx] = cached
     return y, cached_out
 
 
 def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates, window_mode, mixing, groups,
-                   gqa_selection, sink_tokens, decay, dedup, eps):
+                   gqa_selection, sink_tokens, decay, dedup, cache_weight, eps):
     """One row's real tokens: q, k, v [H,n,d], fq, fk [H,n,D]. Returns (y [H,n,d], cached [H,n])."""
     h, n, d = q.shape
     pos = torch.arange(n, device=q.device)
@@ -446,6 +456,8 @@ def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates,
     soft = (in_window(pos, pos, window_mode, window, n) | sink[None, :] | cached_for_query) & causal
     lin = causal & ~soft
     s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+    only_cached = cached_for_query & ~(in_window(pos, pos, window_mode, window, n) | sink[None, :])
+    s = s + math.log(cache_weight) * only_cached                                # w e^s for the sparse cache's pairs
     phi = (fq @ fk.transpose(-1, -2)) * lin * aged(pos[:, None] - pos[None, :])
     sig, el = sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1)
     if mixing == "lolcats":
