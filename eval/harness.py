@@ -68,8 +68,10 @@ def lola_settings_from_args(args: dict) -> dict:
     cache spec ('window=64 global=256 ...')."""
     from lola_train.modeling.lola_cache import LolaCacheConfig
 
+    from .loading import lola_cache_dict
+
     items = [f"{key}={args.pop(key)}" for key in list(args) if key in _LOLA_KEYS]
-    return LolaCacheConfig.from_spec(" ".join(items)).to_dict()
+    return lola_cache_dict(LolaCacheConfig.from_spec(" ".join(items)))
 
 
 def build_model(pretrained: str, *, convert: Any = False, recipe: str | None = None, cache: str = "auto",
@@ -101,7 +103,9 @@ def build_model(pretrained: str, *, convert: Any = False, recipe: str | None = N
                              "or convert=true")
         from lola_train.modeling.lola_cache import LolaCacheConfig
 
-        model.config.lola_cache = LolaCacheConfig.coerce(lola or {}).to_dict()
+        from .loading import lola_cache_dict
+
+        model.config.lola_cache = lola_cache_dict(LolaCacheConfig.coerce(lola or {}))
     elif cache == "none" and hasattr(model.config, "lola_cache"):
         del model.config.lola_cache
     return model, tok

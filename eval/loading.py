@@ -247,10 +247,22 @@ def set_cache(model: nn.Module, spec: CacheSpec, *, attention=None) -> CacheSpec
         raise ValueError(f"cache {spec.label!r} needs a linearized model (HybridAttention layers); this model is "
                          "plain softmax attention: use cache 'full', 'sink:S:W' or 'tova:N', or a 'convert:' / "
                          "exported source")
-    model.config.lola_cache = dataclasses.asdict(spec.lola_settings())
+    model.config.lola_cache = lola_cache_dict(spec.lola_settings())
     if spec.kind == "window":
         linear_branch_off(model)
     return spec
+
+
+def lola_cache_dict(settings: LolaCacheConfig) -> dict:
+    """``model.config.lola_cache`` for ``settings``: window, G and every setting that differs from its default. A
+    checkpoint exported before a setting existed then still loads every cache that does not use it (its own
+    ``LolaCacheConfig`` refuses unknown keys)."""
+    out = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in ("window", "global_size") or value != f.default:
+            out[f.name] = value
+    return out
 
 
 _LINEAR_OFF = "_lola_eval_linear_off"

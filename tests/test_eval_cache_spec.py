@@ -3,6 +3,7 @@ import pytest
 
 from lola_eval.loading import CacheSpec
 from lola_train.modeling.attention_config import ConfigError
+from lola_train.modeling.lola_cache import LolaCacheConfig
 
 
 def test_cache_specs_round_trip():
@@ -25,6 +26,18 @@ def test_cache_specs_round_trip():
     spec = CacheSpec.parse("lola:64:768:cw4:kv_max:dedup0.98")
     assert spec.label == "lola:64:768:kv_max:dedup0.98:cw4" and spec.lola_settings().cache_weight == 4.0
     assert CacheSpec.parse("lola:64:768").lola_settings().cache_weight == 1.0
+
+
+def test_lola_cache_dict_keeps_only_what_the_spec_sets():
+    """model.config.lola_cache carries window, G and the non-default settings only, so a checkpoint exported before
+    a setting (e.g. cache_weight) existed still takes every spec that does not use it."""
+    from lola_eval.loading import lola_cache_dict
+
+    plain = lola_cache_dict(CacheSpec.parse("lola:64:256").lola_settings())
+    assert plain == {"window": 64, "global_size": 256}
+    full = lola_cache_dict(CacheSpec.parse("lola:64:768:kv_max:dedup0.98:cw4").lola_settings())
+    assert full == {"window": 64, "global_size": 768, "gqa_selection": "kv_max", "dedup": 0.98, "cache_weight": 4.0}
+    assert LolaCacheConfig.coerce(full) == CacheSpec.parse("lola:64:768:kv_max:dedup0.98:cw4").lola_settings()
 
 
 def test_bad_cache_specs_name_the_problem():
