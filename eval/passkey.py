@@ -195,21 +195,22 @@ class NeedleProbe:
     def __enter__(self) -> "NeedleProbe":
         active = getattr(self.model.config, "lola_cache", None) is not None
         self._handle = self.model.register_forward_pre_hook(self._pre, with_kwargs=True) if active else None
+        self._layer_class = _lola_layer_class(self.model) if self.pin and active else None
+        if self._layer_class is not None:  # diagnostic: LoLA layers are created inside the first forward
+            self._layer_class.pinned = (self.sample.needle_start, self.sample.needle_start + self.sample.needle_tokens)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._handle is not None:
             self._handle.remove()
+        if self._layer_class is not None:
+            self._layer_class.pinned = None
 
     def _pre(self, module, args, kwargs):
         ids, cache = kwargs.get("input_ids"), kwargs.get("cache")
         if self._inside or self.result is not None or ids is None or cache is None:
             return None
         seen, q = cache.get_seq_length(), self.question_start
-        if self.pin and seen == 0:  # diagnostic: the needle's pairs stay in every LoLA layer's sparse cache
-            for layer in getattr(cache, "layers", []):
-                if hasattr(layer, "memory_of"):
-                    layer.pinned = (self.sample.needle_start, self.sample.needle_start + self.sample.needle_tokens)
         if seen < q < seen + ids.shape[1]:  # run the tokens before the question first
             self._inside = True
             try:
@@ -221,6 +222,18 @@ class NeedleProbe:
         if seen == q:
             self.result = needle_memory(cache, self.sample.needle_start, self.sample.needle_tokens)
         return args, kwargs
+
+
+def _lola_layer_class(model):
+    """The LolaLayer class of ``model``'s own modeling code (an exported checkpoint brings its copy): the module
+    ``lola_cache`` beside the module of its hybrid attention layers; None for a model without them."""
+    import importlib
+
+    for module in model.modules():
+        if hasattr(module, "attention_config") and hasattr(module, "window_factors"):
+            package = type(module).__module__.rsplit(".", 1)[0]
+            return importlib.import_module(package + ".lola_cache").LolaLayer
+    return None
 
 
 def needle_memory(cache, start: int, tokens: int) -> list[dict] | None:

@@ -96,3 +96,21 @@ def test_mixed_memories_and_no_probe_without_lola():
     disable_lola_cache(model)                                                    # the exact hybrid layer: no probe
     cell, = run_model(model, WordTokenizer(), [sample], label="m", cache_label="full", log=lambda *_: None)
     assert cell.needle_memory == [] and cell.needle_summary == "" and "needle_memory" not in cell.predictions[0]
+
+
+@torch.no_grad()
+def test_pin_needle_keeps_the_needle_in_the_cache():
+    """run_model(pin_needle=True) (passkey --pin-needle): the needle's pairs stay in the sparse cache, where plain
+    selection does not keep all 6 of them; the pin is lifted afterwards (the next run selects plainly again)."""
+    model = tiny()
+    enable_lola_cache(model, "window=4 global=6 chunk=4")
+    sample = planted(10, needle_tokens=6)
+
+    def cached(pin):
+        cell, = run_model(model, WordTokenizer(), [sample], label="m", cache_label="lola", prefill_chunk=7,
+                          log=lambda *_: None, pin_needle=pin)
+        return [layer["cache"] for layer in cell.needle_memory]
+
+    plain = cached(False)
+    assert cached(True) == [1.0, 1.0] and min(plain) < 1.0
+    assert cached(False) == plain and LolaCache(model.config).layers[0].pinned is None
