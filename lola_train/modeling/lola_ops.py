@@ -22,6 +22,7 @@ For query r (keys j <= r only):
         y_r = (sigma sum_J e^{s} v + ell sum_Lin fq.fk v) / (sigma sum_J e^{s} + ell sum_Lin fq.fk + eps)
 
     (sigma, ell) [H] are taken as given: ``hybrid_ops.mixing_weights`` makes them (ell = 1 - sigma for 'lola_code').
+    With ``cache_weight`` w (ours, default 1), every cached pair's e^s is w e^s (its logit + log w).
 
 The cache is updated before query u attends, for every u that is a multiple of the chunk C (and, with
 update_every='token', before every decoded token). The candidates are G plus the pairs that can be in no future
