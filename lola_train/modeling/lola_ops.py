@@ -454,11 +454,11 @@ def _reference_row(q, k, v, fq, fk, sigma, ell, *, window, global_size, updates,
         cached_for_query[:, u:nxt] = cached[:, None, :]
 
     causal = pos[None, :] <= pos[:, None]                                       # [query, key]
-    soft = (in_window(pos, pos, window_mode, window, n) | sink[None, :] | cached_for_query) & causal
+    local = in_window(pos, pos, window_mode, window, n) | sink[None, :]          # window and sinks [query, key]
+    soft = (local | cached_for_query) & causal
     lin = causal & ~soft
     s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
-    only_cached = cached_for_query & ~(in_window(pos, pos, window_mode, window, n) | sink[None, :])
-    s = s + math.log(cache_weight) * only_cached                                # w e^s for the sparse cache's pairs
+    s = s + math.log(cache_weight) * (cached_for_query & ~local)                # w e^s for the sparse cache's pairs
     phi = (fq @ fk.transpose(-1, -2)) * lin * aged(pos[:, None] - pos[None, :])
     sig, el = sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1)
     if mixing == "lolcats":
