@@ -62,6 +62,15 @@ SPEC_HELP = ("use 'full' (growing KV cache), 'lola:W:G[:fusion][:gqa][:dedupT][:
              "bytes), e.g. lola:64:256, lola:64:256:lola_code or sink@lola:64:256")
 
 
+def _suffix_number(text: str, part: str, prefix: str, name: str, example: str) -> float:
+    """The number after ``prefix`` in a cache spec suffix such as 'dedup0.98' or 'cw4'; a clear error else."""
+    try:
+        return float(part[len(prefix):])
+    except ValueError:
+        raise ValueError(f"cache spec {text!r}: {part!r} is not {prefix}{name} with a number {name}, e.g. "
+                         f"{example}") from None
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """One cache of the evaluation (see the module docstring). kind: full | lola | window | sink | tova.
@@ -113,16 +122,9 @@ class CacheSpec:
             if part in GQA_SELECTIONS:
                 gqa = part
             elif part.startswith("dedup"):
-                try:
-                    dedup = float(part[len("dedup"):])
-                except ValueError:
-                    raise ValueError(f"cache spec {text!r}: {part!r} is not dedupT with a number T, e.g. "
-                                     "dedup0.98") from None
+                dedup = _suffix_number(text, part, "dedup", "T", "dedup0.98")
             elif part.startswith("cw"):
-                try:
-                    weight = float(part[len("cw"):])
-                except ValueError:
-                    raise ValueError(f"cache spec {text!r}: {part!r} is not cwX with a number X, e.g. cw4") from None
+                weight = _suffix_number(text, part, "cw", "X", "cw4")
             else:
                 mixing = part
         if window < 1:
