@@ -9,7 +9,7 @@ from .modeling.attention_config import AttentionConfig
 from .modeling.hybrid_attention import HybridAttention
 from .modeling.swap_attention import SUPPORTED_MODEL_TYPES, decoder_layers, swap_attention_layers
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "convert", "decoder_layers", "hybrid_layers", "set_transfer_mode",
+__all__ = ["SUPPORTED_MODEL_TYPES", "convert", "decoder_layers", "hybrid_layers", "set_cached_fraction", "set_transfer_mode",
            "transfer_parameters"]
 
 
@@ -42,6 +42,13 @@ def convert(model: nn.Module, attention_config: AttentionConfig | Mapping[str, A
     config.lola_attention = cfg.to_dict()
     set_transfer_mode(model, transfer)
     return model
+
+
+def set_cached_fraction(model: nn.Module, fraction: float) -> None:
+    """Training with far softmax keys (``<stage>.cached_fraction``, recipe.TrainSection): every layer draws keys
+    into its softmax set (HybridAttention.draw_cached) until this is set back to 0."""
+    for layer in hybrid_layers(model):
+        layer.cached_fraction = float(fraction)
 
 
 def set_transfer_mode(model: nn.Module, enabled: bool, *, xent: bool = False) -> None:

@@ -67,7 +67,13 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    """Shared optimisation settings of both stages (AdamW + ReduceLROnPlateau stepped per eval, spec 2, 3)."""
+    """Shared optimisation settings of both stages (AdamW + ReduceLROnPlateau stepped per eval, spec 2, 3).
+
+    cached_fraction f (ours, default 0 = off): while the stage trains, in every layer and sequence each key outside
+    the window and the sinks joins the softmax set with probability p ~ U(0, f), per KV head (drawn afresh each
+    step; the validation draw is fixed), as LoLA's sparse cache puts far pairs there at inference. Without it the
+    mixing factors (stage 1) and the LoRA weights (stage 2) only ever see the window and the sinks in the softmax
+    set. PyTorch attention paths only (the hybrid kernels do not take it)."""
 
     epochs: int = 2
     max_steps: int = -1
@@ -83,6 +89,7 @@ class TrainSection:
     plateau_factor: float = 0.1
     plateau_patience: int = 10
     min_lr: float = 1e-5
+    cached_fraction: float = 0.0
 
 
 @dataclass
@@ -182,6 +189,7 @@ def validate_train(prefix: str, t: TrainSection) -> None:
     _check_range(f"{prefix}.grad_clip (0 disables)", t.grad_clip, 0.0)
     _check_range(f"{prefix}.plateau_factor", t.plateau_factor, 0.0, 1.0, low_open=True)
     _check_range(f"{prefix}.min_lr", t.min_lr, 0.0)
+    _check_range(f"{prefix}.cached_fraction", t.cached_fraction, 0.0, 1.0)
 
 
 def validate_data(d: DataSection) -> None:

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lola_train import AttentionConfig, ConfigError, convert, hybrid_layers, set_transfer_mode, transfer_parameters
+from lola_train.convert import set_cached_fraction
 from lola_train.modeling.feature_maps import FeatureMap
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -81,6 +82,47 @@ def test_xent_transfer_loss():
         assert layer.transfer_losses["mse_by_position"].shape == (24,)
         assert not layer.transfer_losses["mse_by_position"].requires_grad
         assert torch.isfinite(layer.transfer_losses["xent"]) and layer.transfer_losses["xent"] > 0
+
+
+def test_cached_fraction_draws_far_softmax_keys_in_both_stages():
+    """<stage>.cached_fraction: far keys join the softmax set (per KV head) in the stage-1 student and in the
+    plain forward of stage 2; every trainable parameter still gets gradients, validation (eval mode) draws the same
+    keys each call, and 0 is the plain layer."""
+    model = convert(tiny(), {"window_size": 4}, transfer=True)
+    x = ids(length=48)
+
+    def losses():
+        model(x)
+        return torch.stack([layer.transfer_losses["mse"] for layer in hybrid_layers(model)])
+
+    plain = losses().detach()
+    set_cached_fraction(model, 1.0)
+    layer = hybrid_layers(model)[0]
+    drawn = layer.draw_cached(64, 48, x.device)
+    assert drawn.shape == (64, layer.num_heads, 48)
+    groups = layer.num_key_value_groups
+    assert torch.equal(drawn, drawn[:, ::groups].repeat_interleave(groups, dim=1))  # shared within a KV group
+    share = drawn.float().mean((1, 2))
+    assert 0.2 < share.mean() < 0.8 and share.min() < share.max()  # p ~ U(0, 1) per row
+    model.train()
+    trained = losses()
+    assert not torch.allclose(trained.detach(), plain)
+    trained.sum().backward()
+    for p in transfer_parameters(model):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    model.eval()
+    torch.testing.assert_close(losses(), losses())
+    set_cached_fraction(model, 0.0)
+    torch.testing.assert_close(losses().detach(), plain)
+
+    set_transfer_mode(model, False)  # stage 2's forward
+    logits = model(x).logits
+    set_cached_fraction(model, 1.0)
+    drawn_logits = model(x).logits
+    assert (drawn_logits - logits).abs().max() > 1e-4
+    torch.testing.assert_close(model(x).logits, drawn_logits)  # eval mode: the fixed draw
+    set_cached_fraction(model, 0.0)
+    torch.testing.assert_close(model(x).logits, logits)
 
 
 def test_backward_in_inference_mode_reaches_projections():

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from lola_train.modeling.hybrid_ops import (hybrid_attention_chunked, hybrid_attention_reference, mixing_weights,
-                                            sink_keys, window_masks)
+from lola_train.modeling.hybrid_ops import (hybrid_attention, hybrid_attention_chunked, hybrid_attention_reference,
+                                            mixing_weights, sink_keys, window_masks)
 
 from test_hybrid_ops import make_inputs
 
@@ -59,6 +59,53 @@ def test_offset_and_left_padding(mixing, sinks, lq, decay):
     assert torch.isfinite(out).all()
 
 
+def random_cached(b, h, lk, share, seed):
+    """Bool [B,H,Lk]: each key cached with probability ``share`` (transfer.cached_fraction's draw, fixed here)."""
+    return torch.rand(b, h, lk, generator=torch.Generator().manual_seed(seed)) < share
+
+
+@pytest.mark.parametrize("decay", [None, DECAY])
+@pytest.mark.parametrize("mixing,sinks", CASES)
+@pytest.mark.parametrize("layout", ["sw", "tk"])
+@pytest.mark.parametrize("lq,lk,share", [(130, 130, 0.3), (1, 97, 0.5), (45, 150, 0.1), (70, 70, 0.0)])
+def test_chunked_matches_reference_with_cached_keys(mixing, sinks, layout, lq, lk, share, decay):
+    """transfer.cached_fraction's student: the chunked path (cached keys gathered as extra softmax keys, out of
+    the linear state) equals the quadratic reference, with left padding, offsets and rows without any cached key."""
+    args = make_inputs(3, 2, lq, lk, seed=lk + sinks)
+    key_mask = torch.ones(3, lk, dtype=torch.bool)
+    key_mask[1, :29] = False
+    cached = random_cached(3, 2, lk, share, seed=lq)
+    cached[2] = False
+    kw = dict(window=20, layout=layout, key_mask=key_mask, mixing=mixing, sink_tokens=sinks, decay=decay,
+              cached=cached)
+    ref = hybrid_attention_reference(*args, **kw)
+    out = hybrid_attention_chunked(*args, chunk_size=16, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mixing,sinks", CASES)
+def test_chunked_gradients_match_reference_with_cached_keys(mixing, sinks):
+    base = make_inputs(1, 2, 130, 130, seed=12) + (DECAY.clone(),)
+    cached = random_cached(1, 2, 130, 0.25, seed=3)
+    weight = torch.randn(1, 2, 130, 16, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn, kw in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 32})):
+        xs = [t.clone().requires_grad_(True) for t in base]
+        gamma = xs.pop()
+        (fn(*xs, window=24, layout="sw", mixing=mixing, sink_tokens=sinks, decay=gamma, cached=cached, **kw)
+         * weight).sum().backward()
+        grads.append([x.grad for x in xs] + [gamma.grad])
+    for g_ref, g_out in zip(*grads):
+        torch.testing.assert_close(g_out, g_ref, atol=5e-5, rtol=1e-4)
+
+
+def test_cached_keys_are_refused_by_kernel_backends():
+    args = make_inputs(1, 2, 40, 40)
+    with pytest.raises(ValueError, match="does not implement transfer.cached_fraction"):
+        hybrid_attention(*args, window=8, backend="triton", cached=random_cached(1, 2, 40, 0.5, seed=0))
+
+
 @pytest.mark.parametrize("mixing,sinks", CASES)
 def test_left_padded_row_equals_row_alone(mixing, sinks):
     """Sinks are the first REAL tokens: padding on the left changes nothing for the real tokens."""
@@ -73,12 +120,13 @@ def test_left_padded_row_equals_row_alone(mixing, sinks):
     torch.testing.assert_close(out[:, :, pad:], plain, atol=1e-5, rtol=1e-5)
 
 
-def per_query(q, k, v, fq, fk, sigma, ell, window, mixing, sinks, gamma=1.0):
-    """The module docstring's equations for one (batch, head), one query at a time, sw layout, no padding."""
+def per_query(q, k, v, fq, fk, sigma, ell, window, mixing, sinks, gamma=1.0, cached=()):
+    """The module docstring's equations for one (batch, head), one query at a time, sw layout, no padding;
+    ``cached``: key positions in the softmax set of every later query."""
     length, d = q.shape
     out = torch.zeros_like(q, dtype=torch.float64)
     for i in range(length):
-        soft = [j for j in range(i + 1) if j > i - window or j < sinks]
+        soft = [j for j in range(i + 1) if j > i - window or j < sinks or j in cached]
         lin = [j for j in range(i + 1) if j not in soft]
         s = {j: float(q[i] @ k[j]) / math.sqrt(d) for j in soft}
         m = max(s.values())
@@ -100,6 +148,30 @@ def test_reference_equals_equations(mixing, sinks, gamma):
                                    sink_tokens=sinks, decay=decay)
     want = per_query(q[0, 0], k[0, 0], v[0, 0], fq[0, 0], fk[0, 0], sigma[0], ell[0], 8, mixing, sinks, gamma)
     torch.testing.assert_close(y[0, 0].double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+@pytest.mark.parametrize("mixing,sinks", CASES)
+def test_cached_keys_join_the_softmax_set(mixing, sinks, gamma):
+    """transfer.cached_fraction's student: keys marked cached are softmax terms for every later query."""
+    q, k, v, fq, fk, sigma, ell = make_inputs(1, 2, 40, 40, seed=6)
+    q, k = q / 2, k / 2
+    decay = None if gamma == 1.0 else torch.tensor([gamma, gamma])
+    cached = torch.zeros(1, 2, 40, dtype=torch.bool)
+    cached[0, 0, [2, 9, 10, 25]] = True
+    cached[0, 1, [0, 17, 39]] = True
+    y = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=8, layout="sw", mixing=mixing,
+                                   sink_tokens=sinks, decay=decay, cached=cached)
+    for head in range(2):
+        keys = set(torch.nonzero(cached[0, head]).flatten().tolist())
+        want = per_query(q[0, head], k[0, head], v[0, head], fq[0, head], fk[0, head], sigma[head], ell[head], 8,
+                         mixing, sinks, gamma, cached=keys)
+        torch.testing.assert_close(y[0, head].double(), want, atol=1e-5, rtol=1e-5)
+    none = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=8, layout="sw", mixing=mixing,
+                                      sink_tokens=sinks, decay=decay, cached=torch.zeros_like(cached))
+    plain = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=8, layout="sw", mixing=mixing,
+                                       sink_tokens=sinks, decay=decay)
+    torch.testing.assert_close(none, plain)
 
 
 def test_lola_code_is_stable_for_large_logits():

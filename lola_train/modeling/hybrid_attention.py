@@ -121,6 +121,7 @@ class HybridAttention(nn.Module):
         self.model_config = getattr(attn, "config", None)  # read for config.lola_cache (LoLA switched on at load)
         self.transfer_mode = False
         self.transfer_xent = False
+        self.cached_fraction = 0.0  # <stage>.cached_fraction while a stage trains (convert.set_cached_fraction)
         self.transfer_losses: dict[str, torch.Tensor] = {}
         self.train(attn.training)  # follow the replaced module's train/eval mode (LoLA switches on in eval only)
 
@@ -197,10 +198,14 @@ class HybridAttention(nn.Module):
         fq = self.feature_map_q(q if q_map is None else q_map)
         fk = self.feature_map_k(k if k_map is None else k_map)
         sigma, ell = self.mixing_factors()
+        cached = None
+        if self.cached_fraction > 0 and q.shape[2] == k.shape[2]:  # a training forward: far keys drawn as softmax
+            cached = self.draw_cached(q.shape[0], k.shape[2], q.device)
         if not self.transfer_mode:
             return hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
                                     key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend,
-                                    mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay())
+                                    mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay(),
+                                    cached=cached)
         with torch.no_grad():
             y_teacher, a_teacher = softmax_teacher(q, k, v, key_mask, self.transfer_xent)
         rows = torch.ones(q.shape[0], q.shape[2], device=q.device) if key_mask is None else \
@@ -210,13 +215,15 @@ class HybridAttention(nn.Module):
         if self.transfer_xent:
             y, a = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=cfg.window_size,
                                               layout=cfg.window_layout, key_mask=key_mask, return_weights=True,
-                                              mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay())
+                                              mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay(),
+                                              cached=cached)
             ce = -(a_teacher * torch.log(a.clamp_min(1e-12))).sum(-1, keepdim=True)
             self.transfer_losses = {"xent": (ce * rows).sum() / n_rows}
         else:
             y = hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
                                  key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend,
-                                 mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay())
+                                 mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay(),
+                                 cached=cached)
             self.transfer_losses = {}
         se = (y.float() - y_teacher) ** 2 * rows                       # [B,H,Lq,d]
         self.transfer_losses["mse"] = se.sum() / (n_rows * q.shape[-1])
@@ -224,6 +231,16 @@ class HybridAttention(nn.Module):
             per_pos = rows.sum((0, 1, 3)) * q.shape[1] * q.shape[-1]
             self.transfer_losses["mse_by_position"] = se.detach().sum((0, 1, 3)) / per_pos.clamp_min(1)
         return y_teacher.to(q.dtype)
+
+    def draw_cached(self, batch: int, k_len: int, device) -> torch.Tensor:
+        """Bool [B,H,Lk]: the keys that join the softmax set while a stage trains (<stage>.cached_fraction f).
+        Each row draws p ~ U(0, f), then each key is cached with probability p, per KV head (its query heads share
+        it, like LoLA's kv-head selections). Training draws afresh each call; eval mode draws the same keys every
+        time (a generator seeded with the layer index), so validation losses compare across steps."""
+        gen = None if self.training else torch.Generator(device=device).manual_seed(self.layer_idx)
+        p = torch.rand(batch, 1, 1, generator=gen, device=device) * self.cached_fraction
+        keep = torch.rand(batch, self.num_kv_heads, k_len, generator=gen, device=device) < p
+        return repeat_kv(keep, self.num_key_value_groups)
 
     def extra_repr(self) -> str:
         c = self.attention_config

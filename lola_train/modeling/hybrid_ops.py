@@ -32,6 +32,12 @@ token) removes padded keys from both memories. For query i (absolute position p 
 Decay (``decay`` gamma [H] in (0, 1], optional): every linear term of query p and key j is multiplied by
 gamma_h^(p - j) (distances in key-axis positions), which bounds the linear block's mass at any length.
 
+Cached keys (``cached`` [B, H or 1, Lk] bool, reference only, optional): keys that join the softmax set of every
+later query, as LoLA's sparse cache puts them there at inference (spec 4.1): J(i) = Win(i) u Sink(i) u
+{j in cached, j <= p}, and they leave Lin(i). Stage 1 draws them at random (``transfer.cached_fraction``), so the
+mixing factors and feature maps are fitted with far softmax pairs beside the linear memory. The reference and the
+chunked path take them (the kernels do not).
+
 Attention sinks (``sink_tokens`` S > 0): the first S real tokens of each row stay in the softmax set of every
 later query and never enter the linear memory. Without them the first token's large softmax mass (the attention
 sink of pretrained LLMs) must be carried by a linear term, which is bounded, and the model learns to inflate the
@@ -137,8 +143,10 @@ def decay_weights(decay: torch.Tensor, distance: torch.Tensor, head_axis: int = 
 
 def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                                key_mask: torch.Tensor | None = None, return_weights: bool = False,
-                               mixing: str = "lolcats", sink_tokens: int = 0, decay: torch.Tensor | None = None):
-    """Quadratic form: materialises [B,H,Lq,Lk] scores. Returns y [B,H,Lq,d] (and weights a = A / sum A)."""
+                               mixing: str = "lolcats", sink_tokens: int = 0, decay: torch.Tensor | None = None,
+                               cached: torch.Tensor | None = None):
+    """Quadratic form: materialises [B,H,Lq,Lk] scores. Returns y [B,H,Lq,d] (and weights a = A / sum A).
+    ``cached`` [B, H or 1, Lk] bool: keys in the softmax set of every later query (module docstring)."""
     b, lq, lk, d = q.shape[0], q.shape[2], k.shape[2], q.shape[-1]
     dev, out_dtype = q.device, q.dtype
     win, lin = window_masks(torch.arange(lk - lq, lk, device=dev), torch.arange(lk, device=dev), window, layout, lk)
@@ -149,6 +157,9 @@ def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layo
     if sinks is not None:
         sink = sinks[:, None, None, :] & (win | lin)      # causal sinks of each query
         win, lin = win | sink, lin & ~sink
+    if cached is not None:
+        far = lin & cached[:, :, None, :].bool()          # [B,H,Lq,Lk]: cached keys out of the window
+        win, lin = win | far, lin & ~far
     q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
     s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     lin_scores = (fq @ fk.transpose(-1, -2)) * lin
@@ -165,7 +176,8 @@ def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layo
 
 def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                              key_mask: torch.Tensor | None = None, chunk_size: int = 64, mixing: str = "lolcats",
-                             sink_tokens: int = 0, decay: torch.Tensor | None = None):
+                             sink_tokens: int = 0, decay: torch.Tensor | None = None,
+                             cached: torch.Tensor | None = None):
     """Chunked form, linear in length. Same arguments and result as :func:`hybrid_attention_reference`.
 
     Keys are split into chunks of C aligned to the end of the sequence. Query chunk n scores exactly the keys of
@@ -176,6 +188,8 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
     fk_j v_j^T (t_m = the first position after chunk m), a scan over the N chunks.
     The S sink keys of each row are gathered once ([B,H,S,d]) and scored by every query chunk as extra softmax
     keys; they are removed from the local blocks and from the state, so each key is counted once.
+    Cached keys (``cached``) are gathered alike ([B,H,K,d], K = the most any row and head has) and scored as extra
+    softmax keys by the queries whose window they are out of; their phi_k is zeroed, so no linear term counts them.
     With an offset (Lq < Lk) the missing queries are computed as zeros and dropped.
     """
     out_dtype = q.dtype
@@ -203,6 +217,16 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
         gather = first[:, None, :, None].expand(-1, h, -1, d)
         k_sink, v_sink = k.gather(2, gather), v.gather(2, gather)
         valid = valid & ~F.pad(sinks, (front, 0))       # sinks leave the local blocks and the linear state
+    far = None
+    if cached is not None:  # [B,H,K] cached positions in order (lk = none), their keys and values
+        cached = cached.bool().expand(b, h, lk) & valid[:, None, front:]
+        n_c = int(cached.sum(-1).max())
+        if n_c > 0:
+            first = (cached.float() * torch.arange(lk, 0, -1, device=dev)).topk(n_c, dim=-1).indices
+            far_pos = torch.where(cached.gather(2, first), first, torch.full_like(first, lk))
+            gather = first[..., None].expand(-1, -1, -1, d)
+            far = (far_pos, k.gather(2, gather), v.gather(2, gather))
+            fk = fk * (~cached)[..., None]                # no linear term counts a cached key
     vf = valid[:, None, :, None].float()
     k, v, fk = F.pad(k, (0, 0, front, 0)), F.pad(v, (0, 0, front, 0)) * vf, F.pad(fk, (0, 0, front, 0)) * vf
 
@@ -233,6 +257,14 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
         win = torch.cat([win.expand(b, -1, -1, -1, -1), sink_ok], dim=-1)
         lin_scores = torch.cat([lin_scores, torch.zeros_like(s_sink)], dim=-1)
         v_loc = torch.cat([v_loc, v_sink[:, :, None].expand(-1, -1, n, -1, -1)], dim=-2)
+    if far is not None:  # cached keys: softmax terms of the queries whose linear set they would be in
+        far_pos, k_far, v_far = far
+        s_far = torch.einsum("bhncd,bhkd->bhnck", qc, k_far) / math.sqrt(d)
+        _, far_ok = window_masks(q_pos, far_pos[:, :, None, :], window, layout, lk)     # [B,H,N,C,K]
+        s = torch.cat([s, s_far], dim=-1)
+        win = torch.cat([win.expand(b, h, -1, -1, -1), far_ok], dim=-1)
+        lin_scores = torch.cat([lin_scores.expand(b, h, -1, -1, -1), torch.zeros_like(s_far)], dim=-1)
+        v_loc = torch.cat([v_loc, v_far[:, :, None].expand(-1, -1, n, -1, -1)], dim=-2)
     sig, el = sigma.float().view(-1, 1, 1, 1), ell.float().view(-1, 1, 1, 1)
     _, num, den, lin_scale = _combine(s, win, lin_scores, v_loc, sig, el, mixing)
 
@@ -263,23 +295,23 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
 
 
 def _auto(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64, mixing="lolcats",
-          sink_tokens=0, decay=None):
+          sink_tokens=0, decay=None, cached=None):
     """Short query blocks (decode) use the reference (cost Lq x Lk); longer ones the chunked form."""
     fn = hybrid_attention_chunked if q.shape[2] > chunk_size else _reference
     return fn(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask, chunk_size=chunk_size,
-              mixing=mixing, sink_tokens=sink_tokens, decay=decay)
+              mixing=mixing, sink_tokens=sink_tokens, decay=decay, cached=cached)
 
 
 def _reference(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask=None, chunk_size=64, mixing="lolcats",
-               sink_tokens=0, decay=None):
+               sink_tokens=0, decay=None, cached=None):
     return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=window, layout=layout, key_mask=key_mask,
-                                      mixing=mixing, sink_tokens=sink_tokens, decay=decay)
+                                      mixing=mixing, sink_tokens=sink_tokens, decay=decay, cached=cached)
 
 
 BACKENDS: dict[str, Callable] = {"reference": _reference, "chunked": hybrid_attention_chunked}
 """name -> fn(q, k, v, fq, fk, sigma, ell, *, window, layout, key_mask, chunk_size, mixing, sink_tokens) -> y.
 Kernel packages add entries (e.g. 'triton'); 'auto' is resolved by :func:`hybrid_attention`. The PyTorch entries
-also take ``decay``, which the kernels do not implement yet."""
+also take ``decay`` and ``cached``, which the kernels do not implement yet."""
 PYTORCH_BACKENDS = ("reference", "chunked")
 
 
@@ -300,19 +332,24 @@ def load_kernel_backends() -> None:
 
 def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                      key_mask: torch.Tensor | None = None, chunk_size: int = 64, backend: str = "auto",
-                     mixing: str = "lolcats", sink_tokens: int = 0, decay: torch.Tensor | None = None):
+                     mixing: str = "lolcats", sink_tokens: int = 0, decay: torch.Tensor | None = None,
+                     cached: torch.Tensor | None = None):
     """Dispatch to a backend. 'auto' picks a registered GPU kernel for CUDA tensors when one is present."""
     if decay is not None and backend not in ("auto",) + PYTORCH_BACKENDS:
         raise ValueError(f"attention.backend={backend!r} does not implement attention.linear_decay; choose "
                          f"'auto', 'chunked' or 'reference'")
-    extra = {} if decay is None else {"decay": decay}  # only the PyTorch paths take a decay
-    if (backend == "auto" and q.is_cuda and decay is None) or backend == "triton":
+    if cached is not None and backend not in ("auto",) + PYTORCH_BACKENDS:
+        raise ValueError(f"attention.backend={backend!r} does not implement transfer.cached_fraction; choose "
+                         f"'auto', 'chunked' or 'reference'")
+    extra = {k: x for k, x in (("decay", decay), ("cached", cached)) if x is not None}  # PyTorch paths only
+    pytorch_only = bool(extra)
+    if (backend == "auto" and q.is_cuda and not pytorch_only) or backend == "triton":
         load_kernel_backends()
         if backend == "triton" and "triton" not in BACKENDS:
             raise ValueError("attention.backend='triton' needs the lola_kernels package and triton "
                              "(pip install 'lola-train[triton]'); or choose 'auto' or 'chunked'")
     if backend == "auto":
-        fn = BACKENDS.get("triton") if q.is_cuda and decay is None else None
+        fn = BACKENDS.get("triton") if q.is_cuda and not pytorch_only else None
         if fn is None or not getattr(fn, "supports", lambda *_, **__: True)(q, fq, mixing=mixing,
                                                                              sink_tokens=sink_tokens):
             fn = _auto  # kernels decline some widths and options

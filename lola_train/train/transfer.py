@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..convert import hybrid_layers
+from ..convert import hybrid_layers, set_cached_fraction
 from ..recipe import Recipe
 from .checkpoint import atomic_torch_save, trainable_state
 from ..metrics_buckets import bucket_means
@@ -60,6 +60,7 @@ def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
     model, tok = load_converted(recipe, transfer=True)
     data = data_fn(tok, model.config.vocab_size)
     layers = hybrid_layers(model)
+    set_cached_fraction(model, cfg.cached_fraction)
     result = train_loop(stage="transfer", model=model, loss_fn=transfer_loss_fn(layers, cfg.mse_factor,
                                                                                  cfg.xent_factor),
                         train=data["train"], val=data["val"], cfg=cfg, folder=folder, accelerator=accelerator,
@@ -72,6 +73,7 @@ def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
                "mse_by_bucket_last_eval": result.last_eval.get("mse_by_bucket"),
                "seconds_per_step": result.seconds_per_step,
                "trainable_params": sum(p.numel() for _, p in named_transfer_parameters(model))}
+    set_cached_fraction(model, 0.0)
     if accelerator.is_main_process:
         atomic_torch_save({"params": trainable_state(named_transfer_parameters(model)), **summary},
                           folder / "final.pt")
