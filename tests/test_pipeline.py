@@ -163,3 +163,27 @@ def test_export_of_the_stage1_model(full_run, tmp_path):
         torch.testing.assert_close(exported(ids, use_cache=False).logits, stage1.eval()(ids, use_cache=False).logits,
                                    atol=1e-4, rtol=1e-4)
 
+
+
+def test_training_with_cached_fraction_in_both_stages(tmp_path, monkeypatch):
+    """transfer.cached_fraction / finetune.cached_fraction: both stages train with far keys drawn into the softmax
+    set, their losses fall, and the exported model draws none."""
+    from transformers import AutoModelForCausalLM
+
+    from lola_train.modeling.hybrid_attention import HybridAttention
+
+    draws = {True: 0, False: 0}  # by transfer_mode: stage 1, stage 2
+    original = HybridAttention.draw_cached
+
+    def counting(self, *args, **kwargs):
+        draws[self.transfer_mode] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HybridAttention, "draw_cached", counting)
+    results = run(tiny(tmp_path, "transfer.cached_fraction=0.5", "finetune.cached_fraction=0.5"))
+    assert draws[True] > 0 and draws[False] > 0
+    for name in ("transfer", "finetune"):
+        assert results[name]["best_val_loss"] < results[name]["initial_val_loss"]
+    exported = AutoModelForCausalLM.from_pretrained(results["export"]["model_dir"], trust_remote_code=True)
+    layers = [m for m in exported.modules() if hasattr(m, "cached_fraction")]
+    assert layers and all(m.cached_fraction == 0.0 for m in layers)
