@@ -32,11 +32,10 @@ token) removes padded keys from both memories. For query i (absolute position p 
 Decay (``decay`` gamma [H] in (0, 1], optional): every linear term of query p and key j is multiplied by
 gamma_h^(p - j) (distances in key-axis positions), which bounds the linear block's mass at any length.
 
-Cached keys (``cached`` [B, H or 1, Lk] bool, reference only, optional): keys that join the softmax set of every
-later query, as LoLA's sparse cache puts them there at inference (spec 4.1): J(i) = Win(i) u Sink(i) u
-{j in cached, j <= p}, and they leave Lin(i). Stage 1 draws them at random (``transfer.cached_fraction``), so the
-mixing factors and feature maps are fitted with far softmax pairs beside the linear memory. The reference and the
-chunked path take them (the kernels do not).
+Cached keys (``cached`` [B, H or 1, Lk] bool, optional; the reference and the chunked path, not the kernels): keys
+that join the softmax set of every later query, as LoLA's sparse cache puts them there at inference (spec 4.1):
+J(i) = Win(i) u Sink(i) u {j in cached, j <= p}, and they leave Lin(i). Training draws them at random
+(``<stage>.cached_fraction``), so the fusion is fitted with far softmax pairs beside the linear memory.
 
 Attention sinks (``sink_tokens`` S > 0): the first S real tokens of each row stay in the softmax set of every
 later query and never enter the linear memory. Without them the first token's large softmax mass (the attention
