@@ -102,7 +102,7 @@ def test_chunked_gradients_match_reference_with_cached_keys(mixing, sinks):
 
 def test_cached_keys_are_refused_by_kernel_backends():
     args = make_inputs(1, 2, 40, 40)
-    with pytest.raises(ValueError, match="does not implement transfer.cached_fraction"):
+    with pytest.raises(ValueError, match="does not implement cached keys"):
         hybrid_attention(*args, window=8, backend="triton", cached=random_cached(1, 2, 40, 0.5, seed=0))
 
 

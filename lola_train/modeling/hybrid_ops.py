@@ -338,8 +338,8 @@ def hybrid_attention(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = 
         raise ValueError(f"attention.backend={backend!r} does not implement attention.linear_decay; choose "
                          f"'auto', 'chunked' or 'reference'")
     if cached is not None and backend not in ("auto",) + PYTORCH_BACKENDS:
-        raise ValueError(f"attention.backend={backend!r} does not implement transfer.cached_fraction; choose "
-                         f"'auto', 'chunked' or 'reference'")
+        raise ValueError(f"attention.backend={backend!r} does not implement cached keys (transfer.cached_fraction, "
+                         f"finetune.cached_fraction); choose 'auto', 'chunked' or 'reference', or set them to 0")
     extra = {k: x for k, x in (("decay", decay), ("cached", cached)) if x is not None}  # PyTorch paths only
     pytorch_only = bool(extra)
     if (backend == "auto" and q.is_cuda and not pytorch_only) or backend == "triton":
