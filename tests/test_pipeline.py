@@ -164,7 +164,6 @@ def test_export_of_the_stage1_model(full_run, tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
-
 def test_training_with_cached_fraction_in_both_stages(tmp_path, monkeypatch):
     """transfer.cached_fraction / finetune.cached_fraction: both stages train with far keys drawn into the softmax
     set, their losses fall, and the exported model draws none."""

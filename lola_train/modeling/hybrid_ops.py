@@ -173,6 +173,14 @@ def hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, *, window: int, layo
     return y
 
 
+def first_marked(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` marked positions of ``mask`` [..., L] (bool), in order: (index [..., count], a valid
+    gather index, and pos [..., count], the same with L where a row has fewer than ``count`` marked)."""
+    length = mask.shape[-1]
+    first = (mask.float() * torch.arange(length, 0, -1, device=mask.device)).topk(count, dim=-1).indices
+    return first, torch.where(mask.gather(-1, first), first, torch.full_like(first, length))
+
+
 def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout: str = "sw",
                              key_mask: torch.Tensor | None = None, chunk_size: int = 64, mixing: str = "lolcats",
                              sink_tokens: int = 0, decay: torch.Tensor | None = None,
@@ -211,8 +219,7 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
     sinks = sink_keys(key_mask, b, lk, sink_tokens, dev)
     if sinks is not None:  # [B,H,S,.] sink keys (first S real positions; a row with fewer real keys has gaps)
         n_s = min(sink_tokens, lk)
-        first = (sinks.float() * torch.arange(lk, 0, -1, device=dev)).topk(n_s, dim=-1).indices  # [B,S] in order
-        sink_pos = torch.where(sinks.gather(1, first), first, torch.full_like(first, lk))       # lk = no sink
+        first, sink_pos = first_marked(sinks, n_s)                                       # [B,S]; lk = no sink
         gather = first[:, None, :, None].expand(-1, h, -1, d)
         k_sink, v_sink = k.gather(2, gather), v.gather(2, gather)
         valid = valid & ~F.pad(sinks, (front, 0))       # sinks leave the local blocks and the linear state
@@ -221,8 +228,7 @@ def hybrid_attention_chunked(q, k, v, fq, fk, sigma, ell, *, window: int, layout
         cached = cached.bool().expand(b, h, lk) & valid[:, None, front:]
         n_c = int(cached.sum(-1).max())
         if n_c > 0:
-            first = (cached.float() * torch.arange(lk, 0, -1, device=dev)).topk(n_c, dim=-1).indices
-            far_pos = torch.where(cached.gather(2, first), first, torch.full_like(first, lk))
+            first, far_pos = first_marked(cached, n_c)
             gather = first[..., None].expand(-1, -1, -1, d)
             far = (far_pos, k.gather(2, gather), v.gather(2, gather))
             fk = fk * (~cached)[..., None]                # no linear term counts a cached key
