@@ -173,6 +173,8 @@ class CellResult:
     predictions: list = field(default_factory=list)
     needle_memory: list = field(default_factory=list)   # LoLA: per layer, mean over samples (see NeedleProbe)
     needle_summary: str = ""
+    answer_weights: list = field(default_factory=list)  # LoLA: per layer, mean over samples (see NeedleProbe)
+    weights_summary: str = ""
 
     @property
     def accuracy(self) -> float | None:
@@ -184,32 +186,46 @@ class NeedleProbe:
     the prefill forward that crosses the question's first token, runs the part before it, and reads each layer's
     ``LolaLayer.memory_of`` for the needle's positions. ``result``: per layer, the fraction of the needle's tokens
     (averaged over heads) in each memory of ``lola_ops.MEMORIES`` (recent = window or waiting for the next update,
-    sink, cache, linear); None for other caches. Splitting the prompt does not change what the model computes."""
+    sink, cache, linear); None for other caches. Splitting the prompt does not change what the model computes.
+
+    ``weights``: where the attention of the last prompt token (the one whose logits give the answer's first token)
+    goes, per layer: the share of its fusion weight on each memory of ``LolaLayer.PROBE_SHARES`` (sink, recent,
+    needle = the needle's softmax pairs wherever they are, cache = the other cached pairs, linear), averaged over
+    heads, and 'needle_max', the largest needle share of any head (a retrieval head). With the needle cached
+    (``needle_memory``) but a small share here, a miss is the fusion's, not the selection's."""
 
     def __init__(self, model, sample: PasskeySample, question_tokens: int, pin: bool = False):
         self.model, self.sample, self.pin = model, sample, pin
         self.question_start = len(sample.ids) - question_tokens
         self.result: list[dict] | None = None
+        self.weights: list[dict] | None = None
         self._inside = False
+        self._cache = None
 
     def __enter__(self) -> "NeedleProbe":
         active = getattr(self.model.config, "lola_cache", None) is not None
         self._handle = self.model.register_forward_pre_hook(self._pre, with_kwargs=True) if active else None
-        self._layer_class = _lola_layer_class(self.model) if self.pin and active else None
-        if self._layer_class is not None:  # diagnostic: LoLA layers are created inside the first forward
-            self._layer_class.pinned = (self.sample.needle_start, self.sample.needle_start + self.sample.needle_tokens)
+        self._layer_class = _lola_layer_class(self.model) if active else None
+        if self._layer_class is not None:  # diagnostics: LoLA layers are created inside the first forward
+            needle = (self.sample.needle_start, self.sample.needle_start + self.sample.needle_tokens)
+            self._layer_class.pinned = needle if self.pin else None
+            self._layer_class.probe = (len(self.sample.ids) - 1, *needle)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._handle is not None:
             self._handle.remove()
         if self._layer_class is not None:
-            self._layer_class.pinned = None
+            self._layer_class.pinned = self._layer_class.probe = None
+            layers = [layer for layer in getattr(self._cache, "layers", []) if hasattr(layer, "probe_result")]
+            if layers and all(layer.probe_result is not None for layer in layers):
+                self.weights = [answer_weights(layer.probe_result) for layer in layers]
 
     def _pre(self, module, args, kwargs):
         ids, cache = kwargs.get("input_ids"), kwargs.get("cache")
         if self._inside or self.result is not None or ids is None or cache is None:
             return None
+        self._cache = cache
         seen, q = cache.get_seq_length(), self.question_start
         if seen < q < seen + ids.shape[1]:  # run the tokens before the question first
             self._inside = True
@@ -254,6 +270,23 @@ def needle_memory(cache, start: int, tokens: int) -> list[dict] | None:
     return out
 
 
+def answer_weights(shares: dict[str, list[float]]) -> dict[str, float]:
+    """One layer's ``LolaLayer.probe_result`` (per head) -> the mean over heads of each share, and 'needle_max'."""
+    out = {name: round(sum(v) / len(v), 4) for name, v in shares.items()}
+    out["needle_max"] = max(shares["needle"])
+    return out
+
+
+def weights_summary(per_layer: Sequence[dict]) -> str:
+    """'answer token -> needle: up to 0.90 (layer 21); mean sink 45%, recent 40%, ...'."""
+    top = max(range(len(per_layer)), key=lambda i: per_layer[i]["needle_max"])
+    mean = {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]
+            if name != "needle_max"}
+    parts = ", ".join(f"{name} {100 * share:.0f}%" for name, share in sorted(mean.items(), key=lambda kv: -kv[1]))
+    return (f"answer token -> needle: up to {per_layer[top]['needle_max']:.2f} of a head (layer {top}); "
+            f"{parts} (layers 0-{len(per_layer) - 1}, heads mean)")
+
+
 def needle_summary(per_layer: Sequence[dict]) -> str:
     """'needle: cache 78%, linear 22% (layers 0-29 mean)'."""
     mean = {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]}
@@ -294,17 +327,30 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
         cell.predictions.append({"index": s.index, "answer": s.answer, "prediction": pred, "text": text})
         if probe.result is not None:
             cell.predictions[-1]["needle_memory"] = probe.result
+        if probe.weights is not None:
+            cell.predictions[-1]["answer_weights"] = probe.weights
     for c in cells.values():
         probed = [p["needle_memory"] for p in c.predictions if "needle_memory" in p]
         if probed:
-            c.needle_memory = [{name: round(sum(p[i][name] for p in probed) / len(probed), 4) for name in probed[0][i]}
-                               for i in range(len(probed[0]))]
+            c.needle_memory = _layer_means(probed)
             c.needle_summary = needle_summary(c.needle_memory)
+        weighed = [p["answer_weights"] for p in c.predictions if "answer_weights" in p]
+        if weighed:
+            c.answer_weights = _layer_means(weighed)
+            c.weights_summary = weights_summary(c.answer_weights)
         acc = "-" if c.accuracy is None else f"{c.accuracy:.2f}"
         log(f"  {label:<12} {cache_label:<14} len={c.length:<6} depth={c.depth:<4} acc={acc} (n={c.n}) "
             f"cache={c.cache_bytes_per_seq / 2**20:.2f} MiB/seq  {c.seconds:.1f}s  {c.status if c.status != 'ok' else ''}"
-            f"{'  ' + c.needle_summary if c.needle_summary else ''}")
+            f"{'  ' + c.needle_summary if c.needle_summary else ''}"
+            f"{'; ' + c.weights_summary if c.weights_summary else ''}")
     return list(cells.values())
+
+
+def _layer_means(per_sample: Sequence[list[dict]]) -> list[dict]:
+    """Per layer, the mean over samples of each entry of the per-layer dicts."""
+    n = len(per_sample)
+    return [{name: round(sum(p[i][name] for p in per_sample) / n, 4) for name in per_sample[0][i]}
+            for i in range(len(per_sample[0]))]
 
 
 def summarize(cells: Sequence[CellResult]) -> list[dict]:

@@ -9,7 +9,7 @@ from lola_train.convert import convert
 from lola_train.lola import disable_lola_cache, enable_lola_cache
 from lola_train.models import load_model
 from lola_train.modeling.lola_cache import LolaCache
-from lola_train.modeling.lola_ops import MEMORIES
+from lola_train.modeling.lola_ops import MEMORIES, expand_heads, fusion_weights, lola_attend
 
 SPEC = dict(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
@@ -114,3 +114,82 @@ def test_pin_needle_keeps_the_needle_in_the_cache():
     plain = cached(False)
     assert cached(True) == [1.0, 1.0] and min(plain) < 1.0
     assert cached(False) == plain and LolaCache(model.config).layers[0].pinned is None
+
+
+@pytest.mark.parametrize("mixing", ["lolcats", "lola_code"])
+@pytest.mark.parametrize("cache_weight", [None, 1.0, 3.0])
+def test_fusion_weights_rebuild_lola_attend(mixing, cache_weight):
+    """lola_ops.fusion_weights (the diagnostic behind the answer weights): the weights of the local keys, the
+    cache keys and the linear memory, applied to their values, give lola_attend's output, and sum to 1 per
+    query (GQA: 4 query heads on 2 KV heads; rows with no visible local key)."""
+    g = torch.Generator().manual_seed(1)
+    s, h, hk, lq, m, d, feat, gc = 2, 4, 2, 5, 7, 8, 6, 9
+    q, k, v = torch.randn(s, h, lq, d, generator=g) * 2, torch.randn(s, hk, m, d, generator=g) * 2, \
+        torch.randn(s, hk, m, d, generator=g)
+    mask = torch.rand(s, 1, lq, m, generator=g) < 0.5
+    mask[:, :, 0] = False
+    fq = torch.softmax(torch.randn(s, h, lq, feat, generator=g), -1)
+    fk = torch.softmax(torch.randn(s, h, 30, feat, generator=g), -1)
+    h_state, s_state = fk.transpose(-1, -2) @ torch.randn(s, h, 30, d, generator=g), fk.sum(2)
+    lin_num, lin_den = torch.randn(s, h, lq, d, generator=g), torch.rand(s, h, lq, generator=g)
+    sigma, ell = torch.rand(h, generator=g) * 0.8 + 0.1, torch.rand(h, generator=g) + 0.5
+    cache = {} if cache_weight is None else dict(
+        cache_k=torch.randn(s, hk, gc, d, generator=g) * 2, cache_v=torch.randn(s, hk, gc, d, generator=g),
+        cache_ok=torch.rand(s, hk, gc, generator=g) < 0.7, cache_weight=cache_weight)
+    common = dict(mixing=mixing, eps=1e-6, lin_den=lin_den, **cache)
+    y = lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, lin_num=lin_num, **common)
+    w_local, w_cache, w_linear = fusion_weights(q, k, mask, fq, s_state, sigma, ell,
+                                                **{n: t for n, t in common.items() if n != "cache_v"})
+    rebuilt = w_local @ expand_heads(v, h)
+    total = w_local.sum(-1) + w_linear
+    if cache:
+        rebuilt = rebuilt + w_cache @ expand_heads(cache["cache_v"], h)
+        total = total + w_cache.sum(-1)
+        assert (w_cache[~expand_heads(cache["cache_ok"], h)[:, :, None].expand(-1, -1, lq, -1)] == 0).all()
+    else:
+        assert w_cache is None
+    l_num, l_den = fq @ h_state + lin_num, (fq @ s_state.unsqueeze(-1)).squeeze(-1) + lin_den
+    rebuilt = rebuilt + w_linear[..., None] * l_num / l_den[..., None]
+    torch.testing.assert_close(rebuilt, y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-4, rtol=0)
+    assert (w_local[~mask.expand(-1, h, -1, -1)] == 0).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("settings,needle_start,needle", [
+    ("window=4 global=64", 12, True),      # cached: the answer token's softmax reaches it
+    ("window=4 global=0", 12, False),      # folded into the linear memory: no needle weight of its own
+])
+def test_answer_weights_at_the_question(settings, needle_start, needle):
+    """run_model records, per layer, where the last prompt token's attention goes (LolaLayer.probe_shares via
+    NeedleProbe): shares that sum to 1, a needle share only when the needle's pairs are softmax keys, its largest
+    head in 'needle_max'; the probe is lifted afterwards."""
+    model = tiny(sinks=2)
+    enable_lola_cache(model, settings)
+    logs = []
+    cell, = run_model(model, WordTokenizer(), [planted(needle_start)], label="m", cache_label="lola",
+                      prefill_chunk=16, log=logs.append)
+    assert len(cell.answer_weights) == 2 and cell.predictions[0]["answer_weights"] == cell.answer_weights
+    for layer in cell.answer_weights:
+        assert set(layer) == {"sink", "recent", "needle", "cache", "linear", "needle_max"}
+        assert abs(sum(v for name, v in layer.items() if name != "needle_max") - 1.0) < 2e-3
+        assert layer["sink"] > 0 and layer["recent"] > 0
+        assert (layer["needle"] > 0) == needle and layer["needle_max"] >= layer["needle"]
+        if not needle:
+            assert layer["cache"] == 0 and layer["linear"] > 0
+    assert cell.weights_summary.startswith("answer token -> needle: up to") and cell.weights_summary in logs[0]
+    assert LolaCache(model.config).layers[0].probe is None
+
+
+@torch.no_grad()
+def test_answer_weights_do_not_depend_on_the_prompt_split():
+    """The last prompt token attended in a multi-token call (the batched segments) or alone (the decode step,
+    prompt fed 13 tokens per call: 13 + 13 + 13 + 1) gets the same answer weights."""
+    model = tiny(sinks=2)
+    enable_lola_cache(model, "window=4 global=6 chunk=4")
+    got = [run_model(model, WordTokenizer(), [planted(10, needle_tokens=6)], label="m", cache_label="lola",
+                     prefill_chunk=chunk, log=lambda *_: None)[0].answer_weights for chunk in (16, 13)]
+    assert len(got[0]) == len(got[1]) == 2
+    for a, b in zip(*got):
+        assert a.keys() == b.keys() and all(abs(a[n] - b[n]) < 1e-3 for n in a)
+    assert any(layer["needle"] > 0 for layer in got[0])

@@ -46,8 +46,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from .attention_config import AttentionConfig, ConfigError, check_choice, check_positive, from_mapping
 from .hybrid_ops import MIXINGS, decay_weights, mixing_weights
-from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, evict_before, expand_heads, grouped_matmul,
-                       in_window, lola_attend, lola_kernels_for, recent_capacity, select_and_fold, take_rows)
+from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, evict_before, expand_heads, fusion_weights,
+                       grouped_matmul, in_window, lola_attend, lola_kernels_for, recent_capacity, select_and_fold,
+                       take_rows)
 
 
 @dataclass
@@ -245,6 +246,11 @@ class LolaLayer(CacheLayerMixin):
     pinned: tuple[int, int] | None = None
     """Diagnostic (``lola_eval.passkey --pin-needle``): real positions [a, b) rank before every other candidate at
     each update, so they stay in the sparse cache (an oracle selection for them); None = plain selection."""
+    probe: tuple[int, int, int] | None = None
+    """Diagnostic (``lola_eval.passkey``): (query position p, a, b): when a batch-1 call attends the query at real
+    position p, :meth:`probe_shares` of its fusion weights, with positions [a, b) counted as 'needle', are left in
+    ``probe_result``."""
+    PROBE_SHARES = ("sink", "recent", "needle", "cache", "linear")
 
     def __init__(self, settings: LolaCacheConfig | Mapping[str, Any] | None = None, **kwargs):
         super().__init__()
@@ -263,6 +269,7 @@ class LolaLayer(CacheLayerMixin):
         self.resolved: LolaCacheConfig | None = None
         self.sinks = 0
         self.is_initialized = False
+        self.probe_result: dict[str, list[float]] | None = None
 
     # ---- transformers CacheLayerMixin API ------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -476,6 +483,28 @@ class LolaLayer(CacheLayerMixin):
                                "is a bug")
         return out[:, :, :length]
 
+    def probe_shares(self, args: dict, key_pos: torch.Tensor, cache_pos: torch.Tensor | None) -> dict[str, list[float]]:
+        """Per query head, the share of one query's attention output that each memory contributes
+        (:func:`lola_ops.fusion_weights` of ``args``, one segment and one query): 'sink', 'recent' (the other
+        softmax keys of the window), 'needle' (softmax keys at positions [a, b) of ``probe``, in the window or the
+        cache), 'cache' (the other cached pairs), 'linear' (the linear memory as a whole, the recent pairs out of
+        the window included). key_pos [M]: real position of each local key (the sinks first); cache_pos
+        [Hs,G]. Diagnostic only."""
+        w_local, w_cache, w_linear = fusion_weights(**{name: t for name, t in args.items() if name != "cache_v"})
+        _, a, b = self.probe
+        h = w_local.shape[1]
+        w_local = w_local[0, :, 0]                                                         # [H,M]
+        is_needle = (key_pos >= a) & (key_pos < b)
+        is_sink = torch.arange(key_pos.shape[0], device=key_pos.device) < self.sinks
+        out = {"sink": w_local[:, is_sink].sum(-1), "recent": w_local[:, ~is_sink & ~is_needle].sum(-1),
+               "needle": w_local[:, ~is_sink & is_needle].sum(-1), "cache": w_local.new_zeros(h), "linear": w_linear[0, :, 0]}
+        if w_cache is not None:
+            cached_needle = expand_heads(((cache_pos >= a) & (cache_pos < b))[None], h)[0]   # [H,G]
+            w_cache = w_cache[0, :, 0]
+            out["needle"] = out["needle"] + (w_cache * cached_needle).sum(-1)
+            out["cache"] = (w_cache * ~cached_needle).sum(-1)
+        return {name: [round(float(x), 4) for x in out[name]] for name in self.PROBE_SHARES}
+
     def _plain_step(self, cfg: LolaCacheConfig) -> bool:
         """Whether the next token of every row (all real) needs no cache update and is not a sink."""
         if cfg.update_every == "token":
@@ -520,6 +549,12 @@ class LolaLayer(CacheLayerMixin):
             cache = dict(cache_k=softmax_part(self.cache_k, d), cache_v=self.cache_v, cache_ok=self.cache_pos >= 0,
                          cache_weight=cfg.cache_weight)
         sigma, ell = mixing_weights(attn.window_factors, cfg.mixing, attn.attention_config.affine_attention_factors)
+        if self.probe is not None and b == 1 and int(r1) - 1 == self.probe[0]:
+            key_pos = torch.cat([torch.arange(self.sinks, device=q.device), k_real[0]])
+            self.probe_result = self.probe_shares(
+                dict(q=softmax_part(q, d), k=local_k, mask=mask, fq=fq, s_state=self.s_state, sigma=sigma, ell=ell,
+                     mixing=cfg.mixing, eps=cfg.eps, lin_den=lin_den, **cache), key_pos,
+                None if cfg.global_size == 0 else self.cache_pos[0])
         kernels = lola_kernels_for(q, attn.attention_config.backend, d, fq.shape[-1])
         fn = lola_attend if kernels is None else kernels.lola_attend_triton
         y = fn(softmax_part(q, d), local_k, local_v, mask, fq, self.h_state, self.s_state, sigma, ell,
@@ -695,6 +730,18 @@ class LolaLayer(CacheLayerMixin):
         if cfg.global_size > 0:
             cache = dict(cache_k=softmax_part(flat("k"), d), cache_v=flat("v"), cache_ok=flat("pos") >= 0,
                          cache_weight=cfg.cache_weight)
+        if self.probe is not None and b == 1 and bool((hit := (q_real[0] == self.probe[0]) & q_ok[0]).any()):
+            mi, qi = (int(i) for i in torch.nonzero(hit)[0])                # the probed query: chunk, row
+
+            def one(x):  # that query's slice of a [M*B, H, Q, ...] input (B = 1: entry mi)
+                return None if x is None else x[mi:mi + 1, :, qi:qi + 1]
+            key_pos = torch.cat([torch.arange(self.sinks, device=dev), k_real[0, mi]])
+            self.probe_result = self.probe_shares(
+                dict(q=one(q_seg), k=local_k[mi:mi + 1], mask=one(mask), fq=one(fq_seg), s_state=flat("s")[mi:mi + 1],
+                     sigma=sigma, ell=ell, mixing=cfg.mixing, eps=cfg.eps,
+                     lin_den=None if lin_den is None else lin_den[mi:mi + 1, :, qi:qi + 1],
+                     **{name: t[mi:mi + 1] if torch.is_tensor(t) else t for name, t in cache.items()}),
+                key_pos, flat("pos")[mi] if cfg.global_size > 0 else None)
         kernels = lola_kernels_for(q_ext, attn.attention_config.backend, d, fq_seg.shape[-1])
         fn = lola_attend if kernels is None else kernels.lola_attend_triton
         y = fn(q_seg, local_k, local_v, mask, fq_seg, flat("h"), flat("s"), sigma, ell, mixing=cfg.mixing,

@@ -374,6 +374,50 @@ def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str 
     return mix(m, num, den, l_num, l_den, sigma, ell, mixing=mixing, eps=eps)
 
 
+def fusion_weights(q, k, mask, fq, s_state, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6,
+                   lin_den=None, cache_k=None, cache_ok=None, cache_weight: float = 1.0):
+    """Diagnostic: the share of each term in :func:`lola_attend`'s output for the same arguments (values and H are
+    not needed). Returns (local [S,H,Lq,M], cache [S,H,Lq,G] or None, linear [S,H,Lq]) float32: the weight of
+    each visible local and cache key, and of the linear memory as a whole (state and extra linear terms), in the
+    fusion's normalisation, so that ``lola_attend`` = local @ v + cache @ cache_v + linear * (linear numerator /
+    linear denominator). They sum to 1 per query up to the ``lola_code`` eps term (0 for a 'lolcats' row with
+    nothing visible)."""
+    s, h, lq, d = q.shape
+    qf = q.float() / math.sqrt(d)
+    local, visible = hide(grouped_matmul(qf, k.float().transpose(-1, -2)), mask)
+    m = local.amax(-1, keepdim=True)
+    cached = None
+    if cache_k is not None:
+        hs = cache_k.shape[1]
+        logits = qf.reshape(s, hs, -1, d) @ cache_k.float().transpose(-1, -2) + math.log(cache_weight)
+        cached, c_visible = hide(logits, cache_ok.unsqueeze(2))
+        m = torch.maximum(m, cached.amax(-1, keepdim=True).view(s, h, lq, 1))
+    m = torch.where(m > -HIDDEN / 2, m, torch.zeros_like(m))
+    w_local = local.sub_(m).clamp_(min=EXP_FLOOR).exp_().mul_(visible)
+    if cached is not None:
+        w_cache = cached.sub_(m.view(s, hs, -1, 1)).clamp_(min=EXP_FLOOR).exp_().mul_(c_visible).view(s, h, lq, -1)
+    l_den = fq.float() @ s_state.unsqueeze(-1)
+    if lin_den is not None:
+        l_den = l_den + lin_den.unsqueeze(-1)
+    sig, el = sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1)
+    if mixing == "lolcats":
+        soft_scale, lin_scale, floor = sig, el, 0.0
+    elif mixing == "lola_code":
+        c = m.clamp_min(0.0)
+        soft_scale, lin_scale = sig * torch.exp(m - c), el * torch.exp(-c)
+        floor = eps * torch.exp(-c)
+    else:
+        raise ValueError(f"lola_cache.mixing={mixing!r} is not valid; choose one of {', '.join(MIXINGS)}")
+    w_local = soft_scale * w_local
+    w_cache = None if cached is None else soft_scale * w_cache
+    w_linear = lin_scale * l_den
+    den = w_local.sum(-1, keepdim=True) + w_linear + floor
+    if cached is not None:
+        den = den + w_cache.sum(-1, keepdim=True)
+    den = torch.where(den > 0, den, torch.ones_like(den))
+    return w_local / den, None if cached is None else w_cache / den, (w_linear / den).squeeze(-1)
+
+
 # ---- quadratic reference -----------------------------------------------------------------------------------
 
 def lola_reference(q, k, v, fq, fk, sigma, ell, *, window: int, global_size: int, chunk_size: int | None = None,
