@@ -483,7 +483,8 @@ class LolaLayer(CacheLayerMixin):
                                "is a bug")
         return out[:, :, :length]
 
-    def probe_shares(self, args: dict, key_pos: torch.Tensor, cache_pos: torch.Tensor | None) -> dict[str, list[float]]:
+    def probe_shares(self, args: dict, key_pos: torch.Tensor,
+                     cache_pos: torch.Tensor | None) -> dict[str, list[float]]:
         """Per query head, the share of one query's attention output that each memory contributes
         (:func:`lola_ops.fusion_weights` of ``args``, one segment and one query): 'sink', 'recent' (the other
         softmax keys of the window), 'needle' (softmax keys at positions [a, b) of ``probe``, in the window or the
@@ -497,7 +498,8 @@ class LolaLayer(CacheLayerMixin):
         is_needle = (key_pos >= a) & (key_pos < b)
         is_sink = torch.arange(key_pos.shape[0], device=key_pos.device) < self.sinks
         out = {"sink": w_local[:, is_sink].sum(-1), "recent": w_local[:, ~is_sink & ~is_needle].sum(-1),
-               "needle": w_local[:, ~is_sink & is_needle].sum(-1), "cache": w_local.new_zeros(h), "linear": w_linear[0, :, 0]}
+               "needle": w_local[:, ~is_sink & is_needle].sum(-1), "cache": w_local.new_zeros(h),
+               "linear": w_linear[0, :, 0]}
         if w_cache is not None:
             cached_needle = expand_heads(((cache_pos >= a) & (cache_pos < b))[None], h)[0]   # [H,G]
             w_cache = w_cache[0, :, 0]
