@@ -278,7 +278,8 @@ def answer_weights(shares: dict[str, list[float]]) -> dict[str, float]:
 
 
 def weights_summary(per_layer: Sequence[dict]) -> str:
-    """'answer token -> needle: up to 0.90 (layer 21); mean sink 45%, recent 40%, ...'."""
+    """'answer token -> needle: up to 0.90 of a head (layer 21); recent 50%, sink 26%, ... (layers 0-29, heads
+    mean)'."""
     top = max(range(len(per_layer)), key=lambda i: per_layer[i]["needle_max"])
     mean = {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]
             if name != "needle_max"}
