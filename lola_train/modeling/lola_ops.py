@@ -299,11 +299,30 @@ def visible_max(hidden_logits: torch.Tensor) -> torch.Tensor:
     return torch.where(m > -HIDDEN / 2, m, torch.zeros_like(m))
 
 
+def exp_weights(hidden_logits: torch.Tensor, visible: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """e^{s_ij - m_i} of the visible keys j, 0 elsewhere, from :func:`hide`'s output (overwritten in place)."""
+    return hidden_logits.sub_(m).clamp_(min=EXP_FLOOR).exp_().mul_(visible)
+
+
 def exp_sums(hidden_logits: torch.Tensor, visible: torch.Tensor, m: torch.Tensor, v: torch.Tensor):
     """(sum_j e^{s_ij - m_i} v_j [B,H,Lq,d], sum_j e^{s_ij - m_i} [B,H,Lq,1]) over the visible keys j, from
     :func:`hide`'s output (logits [B,H,Lq,M], overwritten; visible 0/1); v [B,Hv,M,d] (Hv divides H)."""
-    w = hidden_logits.sub_(m).clamp_(min=EXP_FLOOR).exp_().mul_(visible)
+    w = exp_weights(hidden_logits, visible, m)
     return grouped_matmul(w, v.float()), w.sum(-1, keepdim=True)
+
+
+def mix_scales(m, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6):
+    """(soft_scale, lin_scale, floor) of the fusion: y = (soft_scale soft_num + lin_scale lin_num) / (soft_scale
+    soft_den + lin_scale lin_den + floor) for the parts of :func:`mix`; m [B,H,Lq,1]; floor None for 'lolcats'
+    (its rows with nothing visible give 0)."""
+    sig, el = sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1)
+    if mixing == "lolcats":
+        return sig, el, None
+    if mixing == "lola_code":  # multiply numerator and denominator by e^{-c}, c = max(m, 0): no overflow
+        c = m.clamp_min(0.0)
+        lin_scale = torch.exp(-c)
+        return sig * torch.exp(m - c), el * lin_scale, eps * lin_scale
+    raise ValueError(f"lola_cache.mixing={mixing!r} is not valid; choose one of {', '.join(MIXINGS)}")
 
 
 def mix(m, soft_num, soft_den, lin_num, lin_den, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6):
@@ -311,18 +330,12 @@ def mix(m, soft_num, soft_den, lin_num, lin_den, sigma, ell, *, mixing: str = "l
     empty), soft_num [B,H,Lq,d] / soft_den [B,H,Lq,1] = sum_J e^{s-m} v / sum_J e^{s-m}, lin_num [B,H,Lq,d] /
     lin_den [B,H,Lq,1] = sum_Lin fq.fk v / sum_Lin fq.fk; sigma, ell [H]. Returns y float32; 'lolcats' rows with
     nothing visible give 0."""
-    sig, el = sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1)
-    if mixing == "lolcats":
-        num = sig * soft_num + el * lin_num
-        den = sig * soft_den + el * lin_den
+    soft_scale, lin_scale, floor = mix_scales(m, sigma, ell, mixing=mixing, eps=eps)
+    num = soft_scale * soft_num + lin_scale * lin_num
+    den = soft_scale * soft_den + lin_scale * lin_den
+    if floor is None:
         return num / torch.where(den > 0, den, torch.ones_like(den))
-    if mixing == "lola_code":  # multiply numerator and denominator by e^{-c}, c = max(m, 0): no overflow
-        c = m.clamp_min(0.0)
-        soft_scale, lin_scale = sig * torch.exp(m - c), torch.exp(-c)
-        num = soft_scale * soft_num + el * lin_scale * lin_num
-        den = soft_scale * soft_den + el * lin_scale * lin_den + eps * lin_scale
-        return num / den
-    raise ValueError(f"lola_cache.mixing={mixing!r} is not valid; choose one of {', '.join(MIXINGS)}")
+    return num / (den + floor)
 
 
 def fuse(soft_logits, soft_mask, soft_v, lin_num, lin_den, sigma, ell, *, mixing: str = "lolcats",
@@ -336,6 +349,26 @@ def fuse(soft_logits, soft_mask, soft_v, lin_num, lin_den, sigma, ell, *, mixing
     m = visible_max(t)
     num, den = exp_sums(t, visible, m, soft_v)
     return mix(m, num, den, lin_num, lin_den.unsqueeze(-1), sigma, ell, mixing=mixing, eps=eps)
+
+
+def _softmax_logits(q, k, mask, cache_k, cache_ok, cache_weight):
+    """The softmax set of :func:`lola_attend`: (local logits [S,H,Lq,M] and visible 0/1 from :func:`hide`, cache
+    logits [S,Hs,(H/Hs) Lq,G] and their visible 0/1 (None without a cache), the row max m [S,H,Lq,1] over both, 0
+    for a row with nothing visible)."""
+    s, h, lq, d = q.shape
+    qf = q.float() / math.sqrt(d)                                                              # scaled once
+    local, visible = hide(grouped_matmul(qf, k.float().transpose(-1, -2)), mask)                 # [S,H,Lq,M]
+    m = local.amax(-1, keepdim=True)
+    cached = c_visible = None
+    if cache_k is not None:  # the cache block per storage head: [S,Hs,(H/Hs) Lq,G]
+        hs = cache_k.shape[1]
+        logits = qf.reshape(s, hs, -1, d) @ cache_k.float().transpose(-1, -2)
+        if cache_weight != 1.0:
+            logits += math.log(cache_weight)
+        cached, c_visible = hide(logits, cache_ok.unsqueeze(2))
+        m = torch.maximum(m, cached.amax(-1, keepdim=True).view(s, h, lq, 1))
+    m = torch.where(m > -HIDDEN / 2, m, torch.zeros_like(m))
+    return local, visible, cached, c_visible, m
 
 
 def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6,
@@ -352,20 +385,10 @@ def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str 
     float32 = the fusion over J = (visible local keys) u (valid cache keys).
     """
     s, h, lq, d = q.shape
-    qf = q.float() / math.sqrt(d)                                                              # scaled once
-    local, visible = hide(grouped_matmul(qf, k.float().transpose(-1, -2)), mask)                 # [S,H,Lq,M]
-    m = local.amax(-1, keepdim=True)
-    if cache_k is not None:  # the cache block per storage head: [S,Hs,(H/Hs) Lq,G]
-        hs = cache_k.shape[1]
-        logits = qf.reshape(s, hs, -1, d) @ cache_k.float().transpose(-1, -2)
-        if cache_weight != 1.0:
-            logits += math.log(cache_weight)
-        cached, c_visible = hide(logits, cache_ok.unsqueeze(2))
-        m = torch.maximum(m, cached.amax(-1, keepdim=True).view(s, h, lq, 1))
-    m = torch.where(m > -HIDDEN / 2, m, torch.zeros_like(m))
+    local, visible, cached, c_visible, m = _softmax_logits(q, k, mask, cache_k, cache_ok, cache_weight)
     num, den = exp_sums(local, visible, m, v)
     if cache_k is not None:
-        c_num, c_den = exp_sums(cached, c_visible, m.view(s, hs, -1, 1), cache_v)
+        c_num, c_den = exp_sums(cached, c_visible, m.view(s, cache_k.shape[1], -1, 1), cache_v)
         num, den = num + c_num.view(s, h, lq, d), den + c_den.view(s, h, lq, 1)
     fq = fq.float()
     l_num, l_den = fq @ h_state, fq @ s_state.unsqueeze(-1)
@@ -383,39 +406,21 @@ def fusion_weights(q, k, mask, fq, s_state, sigma, ell, *, mixing: str = "lolcat
     linear denominator). They sum to 1 per query up to the ``lola_code`` eps term (0 for a 'lolcats' row with
     nothing visible)."""
     s, h, lq, d = q.shape
-    qf = q.float() / math.sqrt(d)
-    local, visible = hide(grouped_matmul(qf, k.float().transpose(-1, -2)), mask)
-    m = local.amax(-1, keepdim=True)
-    cached = None
-    if cache_k is not None:
-        hs = cache_k.shape[1]
-        logits = qf.reshape(s, hs, -1, d) @ cache_k.float().transpose(-1, -2) + math.log(cache_weight)
-        cached, c_visible = hide(logits, cache_ok.unsqueeze(2))
-        m = torch.maximum(m, cached.amax(-1, keepdim=True).view(s, h, lq, 1))
-    m = torch.where(m > -HIDDEN / 2, m, torch.zeros_like(m))
-    w_local = local.sub_(m).clamp_(min=EXP_FLOOR).exp_().mul_(visible)
+    local, visible, cached, c_visible, m = _softmax_logits(q, k, mask, cache_k, cache_ok, cache_weight)
+    soft_scale, lin_scale, floor = mix_scales(m, sigma, ell, mixing=mixing, eps=eps)
+    w_local = soft_scale * exp_weights(local, visible, m)
+    w_cache = None
     if cached is not None:
-        w_cache = cached.sub_(m.view(s, hs, -1, 1)).clamp_(min=EXP_FLOOR).exp_().mul_(c_visible).view(s, h, lq, -1)
+        w_cache = soft_scale * exp_weights(cached, c_visible, m.view(s, cache_k.shape[1], -1, 1)).view(s, h, lq, -1)
     l_den = fq.float() @ s_state.unsqueeze(-1)
     if lin_den is not None:
         l_den = l_den + lin_den.unsqueeze(-1)
-    sig, el = sigma.float().view(-1, 1, 1), ell.float().view(-1, 1, 1)
-    if mixing == "lolcats":
-        soft_scale, lin_scale, floor = sig, el, 0.0
-    elif mixing == "lola_code":
-        c = m.clamp_min(0.0)
-        soft_scale, lin_scale = sig * torch.exp(m - c), el * torch.exp(-c)
-        floor = eps * torch.exp(-c)
-    else:
-        raise ValueError(f"lola_cache.mixing={mixing!r} is not valid; choose one of {', '.join(MIXINGS)}")
-    w_local = soft_scale * w_local
-    w_cache = None if cached is None else soft_scale * w_cache
     w_linear = lin_scale * l_den
-    den = w_local.sum(-1, keepdim=True) + w_linear + floor
-    if cached is not None:
+    den = w_local.sum(-1, keepdim=True) + w_linear
+    if w_cache is not None:
         den = den + w_cache.sum(-1, keepdim=True)
-    den = torch.where(den > 0, den, torch.ones_like(den))
-    return w_local / den, None if cached is None else w_cache / den, (w_linear / den).squeeze(-1)
+    den = torch.where(den > 0, den, torch.ones_like(den)) if floor is None else den + floor
+    return w_local / den, None if w_cache is None else w_cache / den, (w_linear / den).squeeze(-1)
 
 
 # ---- quadratic reference -----------------------------------------------------------------------------------
