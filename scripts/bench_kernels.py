@@ -40,6 +40,9 @@ from lola_train.modeling.hybrid_ops import BACKENDS, hybrid_attention, hybrid_at
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+IMPLS = ("triton", "triton-tf32", "triton-mask", "chunked", "sdpa")
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -56,8 +59,10 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=tuple(DTYPES), help="q/k/v dtype (default: cuda bf16, cpu fp32)")
     ap.add_argument("--precision", choices=("ieee", "tf32"), default="ieee", help="tl.dot precision of the kernels")
     ap.add_argument("--impls", nargs="+",
-                    help="prefill implementations among triton, chunked, sdpa (default: cuda all three, cpu the "
-                         "PyTorch two; triton on cpu needs TRITON_INTERPRET=1)")
+                    help="prefill implementations among triton, triton-tf32, triton-mask, chunked, sdpa (default: "
+                         "cuda triton, chunked, sdpa; cpu the PyTorch two; triton* on cpu needs TRITON_INTERPRET=1). "
+                         "Diagnostics of the kernels' speed: triton-tf32 runs their dots in TF32 (--precision for "
+                         "all), triton-mask passes an all-True key mask (a no-mask slowdown was seen on an H200)")
     ap.add_argument("--no-decode", action="store_true", help="prefill rows only")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
@@ -77,9 +82,9 @@ def parse_args(argv=None):
     if args.heads % args.kv_heads:
         ap.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     for name in args.impls:
-        if name not in ("triton", "chunked", "sdpa"):
-            ap.error(f"--impls: unknown implementation {name!r}; choose among triton, chunked, sdpa")
-    if "triton" in args.impls and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if name not in IMPLS:
+            ap.error(f"--impls: unknown implementation {name!r}; choose among {', '.join(IMPLS)}")
+    if any(name.startswith("triton") for name in args.impls) and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--impls triton on --device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     return args
 
@@ -177,13 +182,19 @@ def make_impls(args):
         flash = flash_sdpa(args)
         if flash is not None:
             impls["sdpa"], args.sdpa_backend = flash, "flash"
-    if "triton" in args.impls:  # CUDA, or CPU under TRITON_INTERPRET=1 (checked in parse_args)
+    if any(name.startswith("triton") for name in args.impls):  # CUDA, or CPU under TRITON_INTERPRET=1
         import lola_kernels  # noqa: F401  (registers BACKENDS['triton'])
 
-        def triton_impl(q, k, v, fq, fk, sigma, ell):
-            return lola_kernels.hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, precision=args.precision, **kw)
+        def triton_impl(precision, masked):
+            def run(q, k, v, fq, fk, sigma, ell):
+                key_mask = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device=q.device) if masked else None
+                return lola_kernels.hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, precision=precision,
+                                                            key_mask=key_mask, **kw)
+            return run
 
-        impls["triton"] = triton_impl
+        impls["triton"] = triton_impl(args.precision, False)
+        impls["triton-tf32"] = triton_impl("tf32", False)
+        impls["triton-mask"] = triton_impl(args.precision, True)
     return {name: fn for name, fn in impls.items() if name in args.impls}
 
 
@@ -358,7 +369,7 @@ def main(argv=None):
     print(f"device: {device_name}  torch {torch.__version__}  backends: {', '.join(BACKENDS)}")
     print(f"B={args.batch} H={args.heads} H_kv={args.kv_heads} d={args.head_dim} D={2 * args.feature_dim} "
           f"W={args.window} layout={args.layout} dtype={config['dtype']} kernel precision={args.precision}")
-    if args.device == "cpu" and "triton" in args.impls:
+    if args.device == "cpu" and any(name.startswith("triton") for name in args.impls):
         print("note: the triton rows run in Triton's CPU interpreter (TRITON_INTERPRET=1): not a timing")
     length, errors = check_against_reference(args, impls)
     print(f"max |y - reference| at L={length}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
