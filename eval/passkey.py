@@ -191,19 +191,24 @@ class NeedleProbe:
     ``weights``: where the attention of the last prompt token (the one whose logits give the answer's first token)
     goes, per layer: the share of its fusion weight on each memory of ``LolaLayer.PROBE_SHARES`` (sink, recent,
     needle = the needle's softmax pairs wherever they are, cache = the other cached pairs, linear), averaged over
-    heads, and 'needle_max', the largest needle share of any head (a retrieval head). With the needle cached
-    (``needle_memory``) but a small share here, a miss is the fusion's, not the selection's."""
+    heads, and 'needle_max', the largest needle share of any head (a retrieval head); ``heads``: the same shares
+    per head (a list per share and layer), which the JSON keeps as 'answer_heads'. With the needle cached
+    (``needle_memory``) but a small share here, a miss is the fusion's, not the selection's. A softmax model (the
+    teacher) gets the same from its attention weights (:class:`SoftmaxAnswerProbe`: sink, recent, needle, rest),
+    the baseline to compare a student's heads with."""
 
     def __init__(self, model, sample: PasskeySample, question_tokens: int, pin: bool = False):
         self.model, self.sample, self.pin = model, sample, pin
         self.question_start = len(sample.ids) - question_tokens
         self.result: list[dict] | None = None
         self.weights: list[dict] | None = None
+        self.heads: list[dict] | None = None
         self._inside = False
         self._cache = None
 
     def __enter__(self) -> "NeedleProbe":
         active = getattr(self.model.config, "lola_cache", None) is not None
+        self._softmax = None if active else SoftmaxAnswerProbe(self.model, self.sample).__enter__()
         self._handle = self.model.register_forward_pre_hook(self._pre, with_kwargs=True) if active else None
         self._layer_class = _lola_layer_class(self.model) if active else None
         if self._layer_class is not None:  # diagnostics: LoLA layers are created inside the first forward
@@ -213,13 +218,17 @@ class NeedleProbe:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._softmax is not None:
+            self._softmax.__exit__(*exc)
+            self.weights, self.heads = self._softmax.weights, self._softmax.heads
         if self._handle is not None:
             self._handle.remove()
         if self._layer_class is not None:
             self._layer_class.pinned = self._layer_class.probe = None
             layers = [layer for layer in getattr(self._cache, "layers", []) if hasattr(layer, "probe_result")]
             if layers and all(layer.probe_result is not None for layer in layers):
-                self.weights = [answer_weights(layer.probe_result) for layer in layers]
+                self.heads = [layer.probe_result for layer in layers]
+                self.weights = [answer_weights(shares) for shares in self.heads]
 
     def _pre(self, module, args, kwargs):
         ids, cache = kwargs.get("input_ids"), kwargs.get("cache")
@@ -238,6 +247,70 @@ class NeedleProbe:
         if seen == q:
             self.result = needle_memory(cache, self.sample.needle_start, self.sample.needle_tokens)
         return args, kwargs
+
+
+class SoftmaxAnswerProbe:
+    """``NeedleProbe.weights`` for a softmax model (the teacher, any cache but LoLA's): where the attention of the
+    last prompt token goes, per layer and head, from the softmax weights of its row, in the same terms as a LoLA
+    layer's probe: 'sink' (the first ``SINK_TOKENS`` tokens, where the students keep their sinks), 'recent' (the
+    last ``RECENT_TOKENS`` keys, the students' window), 'needle', 'rest' (every other key). Batch 1, full causal
+    attention. It swaps the model's attention function for one that also records that row, and restores it."""
+
+    NAME = "lola_needle_probe"
+    SINK_TOKENS, RECENT_TOKENS = 4, 64
+
+    def __init__(self, model, sample: PasskeySample):
+        self.model, self.sample = model, sample
+        self.rows: dict[int, dict[str, list[float]]] = {}
+        self.weights: list[dict] | None = None
+        self.heads: list[dict] | None = None
+        self._before = None
+
+    def __enter__(self) -> "SoftmaxAnswerProbe":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        config = self.model.config
+        self._before = config._attn_implementation
+        before = ALL_ATTENTION_FUNCTIONS[self._before] if self._before in ALL_ATTENTION_FUNCTIONS else None
+        probe = self
+
+        def attend(module, query, key, value, attention_mask, **kwargs):
+            fn = before or sys.modules[type(module).__module__].eager_attention_forward
+            probe._record(module, query, key)
+            return fn(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(self.NAME, attend)
+        # the masks the model builds for its own attention function (a name without one gets no causal mask)
+        AttentionMaskInterface.register(self.NAME, ALL_MASK_ATTENTION_FUNCTIONS.get(self._before) or
+                                        ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+        self.model.set_attn_implementation(self.NAME)
+        return self
+
+    def _record(self, module, query, key) -> None:
+        """query [1, H, Lq, d], key [1, Hk, Lk, d]: the forward whose keys end at the last prompt token."""
+        import torch
+
+        if key.shape[2] != len(self.sample.ids) or query.shape[0] != 1:
+            return
+        groups = query.shape[1] // key.shape[1]
+        logits = query[0, :, -1:].float() @ key[0].float().repeat_interleave(groups, 0).transpose(-1, -2)
+        w = torch.softmax(logits[:, 0] * module.scaling, dim=-1)                       # [H, Lk]
+        pos = torch.arange(w.shape[-1], device=w.device)
+        a, b = self.sample.needle_start, self.sample.needle_start + self.sample.needle_tokens
+        needle = (pos >= a) & (pos < b)
+        sink = (pos < self.SINK_TOKENS) & ~needle
+        recent = (pos >= w.shape[-1] - self.RECENT_TOKENS) & ~needle & ~sink
+        shares = {"sink": w[:, sink].sum(-1), "recent": w[:, recent].sum(-1), "needle": w[:, needle].sum(-1),
+                  "rest": w[:, ~(sink | recent | needle)].sum(-1)}
+        self.rows[module.layer_idx] = {name: [round(float(x), 4) for x in t] for name, t in shares.items()}
+
+    def __exit__(self, *exc) -> None:
+        self.model.set_attn_implementation(self._before)
+        if self.rows and sorted(self.rows) == list(range(len(self.rows))):
+            self.heads = [self.rows[i] for i in range(len(self.rows))]
+            self.weights = [answer_weights(shares) for shares in self.heads]
 
 
 def _lola_layer_class(model):
@@ -330,6 +403,7 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
             cell.predictions[-1]["needle_memory"] = probe.result
         if probe.weights is not None:
             cell.predictions[-1]["answer_weights"] = probe.weights
+            cell.predictions[-1]["answer_heads"] = probe.heads
     for c in cells.values():
         probed = [p["needle_memory"] for p in c.predictions if "needle_memory" in p]
         if probed:

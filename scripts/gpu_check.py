@@ -1207,6 +1207,9 @@ def parse_args(argv=None):
     ap.add_argument("--long-steps", default=None,
                     help="stage-1,stage-2 optimizer steps of part 'long' (default: the recipe's own; smollm2_long "
                          "has 150,80)")
+    ap.add_argument("--long-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for part 'long' (repeatable), e.g. data.seq_len=4096 to train the "
+                         "long-context recipe at 4K tokens; its trained weights stay in <out>/long/<stage>/final.pt")
     ap.add_argument("--smollm2", default=None,
                     help="the SmolLM2 model: its GGUF file, a folder holding it, or an HF folder (part 'long')")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -1320,13 +1323,19 @@ def run_long(args, base, sz, out, timeout, isolate, log) -> dict:
     if problems:
         raise Missing("; ".join(problems))
     model_over, extra, source = resolve_smollm2(args.smollm2, out)
-    overrides = ["model.dtype=bfloat16", "stages=[convert,transfer,finetune,export]", *steps_over, *model_over]
+    overrides = ["model.dtype=bfloat16", "stages=[convert,transfer,finetune,export]", *steps_over, *model_over,
+                 *args.long_override]
     run_dir = out / "long"
     shutil.rmtree(run_dir, ignore_errors=True)
     res = run_worker("train", dict(base, recipe=recipe, output_dir=str(run_dir), overrides=overrides,
                                    new_tokens=sz["train"]["new_tokens"], lola_global=256, extra_path=extra,
                                    timeout=timeout), isolate, log)
     res["model_source"] = source
+    res["overrides"] = overrides
+    # the trained parameters alone (feature maps, mixing factors; LoRA): small enough to carry back from a machine
+    # whose outputs are limited, then `linearize.py ... stages=[export]` rebuilds the export there
+    res["trained_weights"] = {f"{stage}/final.pt": round((run_dir / stage / "final.pt").stat().st_size / 2**20, 2)
+                              for stage in ("transfer", "finetune") if (run_dir / stage / "final.pt").exists()}
     return res
 
 

@@ -170,6 +170,8 @@ def test_answer_weights_at_the_question(settings, needle_start, needle):
     cell, = run_model(model, WordTokenizer(), [planted(needle_start)], label="m", cache_label="lola",
                       prefill_chunk=16, log=logs.append)
     assert len(cell.answer_weights) == 2 and cell.predictions[0]["answer_weights"] == cell.answer_weights
+    heads = cell.predictions[0]["answer_heads"]                             # the same shares, per head
+    assert [max(layer["needle"]) for layer in heads] == [layer["needle_max"] for layer in cell.answer_weights]
     for layer in cell.answer_weights:
         assert set(layer) == {"sink", "recent", "needle", "cache", "linear", "needle_max"}
         assert abs(sum(v for name, v in layer.items() if name != "needle_max") - 1.0) < 2e-3
@@ -193,3 +195,43 @@ def test_answer_weights_do_not_depend_on_the_prompt_split():
     for a, b in zip(*got):
         assert a.keys() == b.keys() and all(abs(a[n] - b[n]) < 1e-3 for n in a)
     assert any(layer["needle"] > 0 for layer in got[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_teacher_answer_weights_match_its_attention(attn):
+    """A softmax model (the teacher) gets the same attribution from its own softmax row of the last prompt token
+    (SoftmaxAnswerProbe): shares of the first 4 tokens, the last 64 keys, the needle and the rest, which sum to 1
+    and equal its eager attention weights; the model's attention and its logits are left as they were."""
+    from transformers import DynamicCache
+
+    from lola_eval.passkey import SoftmaxAnswerProbe
+
+    model, _ = load_model(random=dict(SPEC, seed=0, max_position_embeddings=256))
+    model.eval().set_attn_implementation(attn)
+    sample = planted(12)
+    # 120 tokens, so that 'rest' (neither the first 4, the last 64 nor the needle) is not empty
+    sample.ids, sample.length = sample.ids + [1 + i % 59 for i in range(80)], LENGTH + 80
+    ids, n = torch.tensor([sample.ids]), sample.length
+    before = model(ids).logits
+    cell, = run_model(model, WordTokenizer(), [sample], label="teacher", cache_label="full", prefill_chunk=50,
+                      log=lambda *_: None)
+    assert model.config._attn_implementation == attn
+    torch.testing.assert_close(model(ids).logits, before)
+    with SoftmaxAnswerProbe(model, sample):  # the prompt in 3 calls through a KV cache, as run_model feeds it
+        cache = DynamicCache(config=model.config)
+        probed = [model(ids[:, i:i + 50], past_key_values=cache).logits for i in range(0, n, 50)]
+    torch.testing.assert_close(torch.cat(probed, 1), before, atol=1e-5, rtol=1e-5)
+    model.set_attn_implementation("eager")
+    att = model(ids, output_attentions=True).attentions                   # per layer [1, H, L, L]
+    heads = cell.predictions[0]["answer_heads"]
+    for layer, per_head, w in zip(cell.answer_weights, heads, att):
+        row = w[0, :, -1]                                                   # [H, L]
+        needle = row[:, 12:15].sum(-1)
+        torch.testing.assert_close(torch.tensor(per_head["needle"]), needle, atol=1e-4, rtol=0)
+        assert set(layer) == {"sink", "recent", "needle", "rest", "needle_max"}
+        assert abs(sum(v for k, v in layer.items() if k != "needle_max") - 1.0) < 2e-3
+        assert abs(layer["needle"] - float(needle.mean())) < 1e-3
+        assert abs(layer["needle_max"] - float(needle.max())) < 1e-3
+        assert abs(layer["sink"] - float(row[:, :4].sum(-1).mean())) < 1e-3
+        assert abs(layer["recent"] - float(row[:, n - 64:].sum(-1).mean())) < 1e-3
