@@ -208,7 +208,8 @@ class NeedleProbe:
 
     def __enter__(self) -> "NeedleProbe":
         active = getattr(self.model.config, "lola_cache", None) is not None
-        self._softmax = None if active else SoftmaxAnswerProbe(self.model, self.sample).__enter__()
+        softmax = not active and _lola_layer_class(self.model) is None  # not a linearized model
+        self._softmax = SoftmaxAnswerProbe(self.model, self.sample).__enter__() if softmax else None
         self._handle = self.model.register_forward_pre_hook(self._pre, with_kwargs=True) if active else None
         self._layer_class = _lola_layer_class(self.model) if active else None
         if self._layer_class is not None:  # diagnostics: LoLA layers are created inside the first forward
@@ -285,7 +286,10 @@ class SoftmaxAnswerProbe:
         # the masks the model builds for its own attention function (a name without one gets no causal mask)
         AttentionMaskInterface.register(self.NAME, ALL_MASK_ATTENTION_FUNCTIONS.get(self._before) or
                                         ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-        self.model.set_attn_implementation(self.NAME)
+        try:
+            self.model.set_attn_implementation(self.NAME)
+        except (ValueError, ImportError, AttributeError):  # a model that takes no other function: no attribution
+            self._before = None
         return self
 
     def _record(self, module, query, key) -> None:
@@ -307,7 +311,8 @@ class SoftmaxAnswerProbe:
         self.rows[module.layer_idx] = {name: [round(float(x), 4) for x in t] for name, t in shares.items()}
 
     def __exit__(self, *exc) -> None:
-        self.model.set_attn_implementation(self._before)
+        if self._before is not None:
+            self.model.set_attn_implementation(self._before)
         if self.rows and sorted(self.rows) == list(range(len(self.rows))):
             self.heads = [self.rows[i] for i in range(len(self.rows))]
             self.weights = [answer_weights(shares) for shares in self.heads]
