@@ -208,10 +208,11 @@ class NeedleProbe:
 
     def __enter__(self) -> "NeedleProbe":
         active = getattr(self.model.config, "lola_cache", None) is not None
-        softmax = not active and _lola_layer_class(self.model) is None  # not a linearized model
+        layer_class = _lola_layer_class(self.model)  # None: not a linearized model
+        softmax = not active and layer_class is None
         self._softmax = SoftmaxAnswerProbe(self.model, self.sample).__enter__() if softmax else None
         self._handle = self.model.register_forward_pre_hook(self._pre, with_kwargs=True) if active else None
-        self._layer_class = _lola_layer_class(self.model) if active else None
+        self._layer_class = layer_class if active else None
         if self._layer_class is not None:  # diagnostics: LoLA layers are created inside the first forward
             needle = (self.sample.needle_start, self.sample.needle_start + self.sample.needle_tokens)
             self._layer_class.pinned = needle if self.pin else None

@@ -43,6 +43,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("triton", "triton-tf32", "triton-mask", "chunked", "sdpa")
 
 
+def uses_kernels(impls) -> bool:
+    """Whether any of ``impls`` runs the Triton kernels (the triton* rows)."""
+    return any(name.startswith("triton") for name in impls)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,7 +89,7 @@ def parse_args(argv=None):
     for name in args.impls:
         if name not in IMPLS:
             ap.error(f"--impls: unknown implementation {name!r}; choose among {', '.join(IMPLS)}")
-    if any(name.startswith("triton") for name in args.impls) and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if uses_kernels(args.impls) and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--impls triton on --device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     return args
 
@@ -182,7 +187,7 @@ def make_impls(args):
         flash = flash_sdpa(args)
         if flash is not None:
             impls["sdpa"], args.sdpa_backend = flash, "flash"
-    if any(name.startswith("triton") for name in args.impls):  # CUDA, or CPU under TRITON_INTERPRET=1
+    if uses_kernels(args.impls):  # CUDA, or CPU under TRITON_INTERPRET=1 (checked in parse_args)
         import lola_kernels  # noqa: F401  (registers BACKENDS['triton'])
 
         def triton_impl(precision, masked):
@@ -369,7 +374,7 @@ def main(argv=None):
     print(f"device: {device_name}  torch {torch.__version__}  backends: {', '.join(BACKENDS)}")
     print(f"B={args.batch} H={args.heads} H_kv={args.kv_heads} d={args.head_dim} D={2 * args.feature_dim} "
           f"W={args.window} layout={args.layout} dtype={config['dtype']} kernel precision={args.precision}")
-    if args.device == "cpu" and any(name.startswith("triton") for name in args.impls):
+    if args.device == "cpu" and uses_kernels(args.impls):
         print("note: the triton rows run in Triton's CPU interpreter (TRITON_INTERPRET=1): not a timing")
     length, errors = check_against_reference(args, impls)
     print(f"max |y - reference| at L={length}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))

@@ -932,8 +932,8 @@ def part_dist(cfg) -> dict:
         run_dir = out / f"dist_{name}"
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        args = [*base, *config_overrides.get(name, []), f"output_dir={run_dir}"]
         res["overrides"] = config_overrides.get(name, [])
+        args = [*base, *res["overrides"], f"output_dir={run_dir}"]
         try:
             crash_env = dict(env, LOLA_TEST_EXIT_AFTER_STEP=cfg["exit_after"])
             remaining = max(30, int(deadline - time.monotonic()))

@@ -332,10 +332,13 @@ def mix(m, soft_num, soft_den, lin_num, lin_den, sigma, ell, *, mixing: str = "l
     nothing visible give 0."""
     soft_scale, lin_scale, floor = mix_scales(m, sigma, ell, mixing=mixing, eps=eps)
     num = soft_scale * soft_num + lin_scale * lin_num
-    den = soft_scale * soft_den + lin_scale * lin_den
-    if floor is None:
-        return num / torch.where(den > 0, den, torch.ones_like(den))
-    return num / (den + floor)
+    return num / mix_denominator(soft_scale * soft_den + lin_scale * lin_den, floor)
+
+
+def mix_denominator(den, floor):
+    """The fusion's divisor from the scaled sums ``den``: den + floor ('lola_code'), or den where it is > 0 and 1
+    elsewhere ('lolcats', floor None: rows with nothing visible give 0)."""
+    return torch.where(den > 0, den, torch.ones_like(den)) if floor is None else den + floor
 
 
 def fuse(soft_logits, soft_mask, soft_v, lin_num, lin_den, sigma, ell, *, mixing: str = "lolcats",
@@ -419,7 +422,7 @@ def fusion_weights(q, k, mask, fq, s_state, sigma, ell, *, mixing: str = "lolcat
     den = w_local.sum(-1, keepdim=True) + w_linear
     if w_cache is not None:
         den = den + w_cache.sum(-1, keepdim=True)
-    den = torch.where(den > 0, den, torch.ones_like(den)) if floor is None else den + floor
+    den = mix_denominator(den, floor)
     return w_local / den, None if w_cache is None else w_cache / den, (w_linear / den).squeeze(-1)
 
 
