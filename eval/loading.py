@@ -16,6 +16,8 @@ A *cache* names how the model remembers the context during evaluation:
                  (G=0 is the plain linearized model: window + linear state only), with the trained fusion
     lola:W:G:lola_code   the same with the LoLA reference code's fusion (lola_cache.mixing, spec 4.4); ':lolcats'
                  forces the LoLCATs fusion; without a suffix the model's trained fusion (attention.mixing) is used
+    lola:W:G:...  further suffixes, in any order: kv_mean / kv_max (GQA selection), sliding / tk / chunk (the window
+                 rule, lola_cache.window_mode), dedupT, cwX, cC (update period C); see SPEC_HELP
     window:W     the linearized model with its linear branch switched off: softmax over the window W only (the LoLA
                  cache with G=0 and every query feature map returning 0, see :func:`linear_branch_off`); shows
                  whether the linear memory contributes at all
@@ -45,18 +47,19 @@ from torch import nn
 
 from lola_train.modeling.attention_config import AttentionConfig
 from lola_train.modeling.lola_cache import LolaCacheConfig
-from lola_train.modeling.lola_ops import GQA_SELECTIONS
+from lola_train.modeling.lola_ops import GQA_SELECTIONS, WINDOW_MODES
 
-CACHE_RE = re.compile(r"^lola:(\d+):(\d+)((?::(?:[a-z_]+|dedup[0-9.]+|cw[0-9.]+)){0,4})$")
+CACHE_RE = re.compile(r"^lola:(\d+):(\d+)((?::(?:[a-z_]+|dedup[0-9.]+|cw[0-9.]+|c[0-9]+)){0,5})$")
 WINDOW_RE = re.compile(r"^window:(\d+)$")
 SINK_RE = re.compile(r"^sink:(\d+):(\d+)(:orig)?$")
 TOVA_RE = re.compile(r"^tova:(\d+)$")
-BUDGET_RE = re.compile(r"^(sink|tova)@(lola:\d+:\d+(?::(?:[a-z_]+|dedup[0-9.]+|cw[0-9.]+)){0,4})$")
-SPEC_HELP = ("use 'full' (growing KV cache), 'lola:W:G[:fusion][:gqa][:dedupT][:cwX]' (LoLA: window W, G global "
-             "pairs; "
+BUDGET_RE = re.compile(r"^(sink|tova)@(lola:\d+:\d+(?::(?:[a-z_]+|dedup[0-9.]+|cw[0-9.]+|c[0-9]+)){0,5})$")
+SPEC_HELP = ("use 'full' (growing KV cache), 'lola:W:G[:fusion][:gqa][:mode][:dedupT][:cwX][:cC]' (LoLA: window W, "
+             "G global pairs; "
              "fusion lolcats | lola_code, default the trained one; gqa query_head (default) | kv_mean | kv_max; "
+             "mode: the window rule sliding | tk | chunk, default the trained layout; "
              "dedupT: value-deduplicated selection at cosine threshold T, e.g. dedup0.98; cwX: the sparse cache's "
-             "softmax weights times X, e.g. cw4), 'window:W' "
+             "softmax weights times X, e.g. cw4; cC: cache-update period C in tokens, default W, e.g. c16), 'window:W' "
              "(linearized, linear branch off), 'sink:S:W[:orig]' (StreamingLLM: S sinks + W recent), 'tova:N' "
              "(TOVA eviction, N pairs per KV head) or 'sink@lola:W:G' / 'tova@lola:W:G' (sized to that LoLA cache's "
              "bytes), e.g. lola:64:256, lola:64:256:lola_code or sink@lola:64:256")
@@ -92,6 +95,8 @@ class CacheSpec:
     gqa: str = "query_head"
     dedup: float = 0.0
     cache_weight: float = 1.0
+    chunk_size: Optional[int] = None
+    window_mode: str = "auto"
 
     @classmethod
     def parse(cls, text: str) -> "CacheSpec":
@@ -118,8 +123,13 @@ class CacheSpec:
         if not m:
             raise ValueError(f"cache spec {text!r} is not valid; {SPEC_HELP}")
         window, g, mixing, gqa, dedup, weight = int(m.group(1)), int(m.group(2)), "auto", "query_head", 0.0, 1.0
-        for part in filter(None, m.group(3).split(":")):  # a fusion, a GQA selection, dedup, weight, in any order
-            if part in GQA_SELECTIONS:
+        chunk, mode = None, "auto"
+        for part in filter(None, m.group(3).split(":")):  # fusion, GQA, mode, dedup, weight, C: any order
+            if re.fullmatch(r"c[0-9]+", part):
+                chunk = int(part[1:])
+            elif part in WINDOW_MODES:
+                mode = part
+            elif part in GQA_SELECTIONS:
                 gqa = part
             elif part.startswith("dedup"):
                 dedup = _suffix_number(text, part, "dedup", "T", "dedup0.98")
@@ -130,8 +140,9 @@ class CacheSpec:
         if window < 1:
             raise ValueError(f"cache spec {text!r}: the window W must be >= 1")
         LolaCacheConfig(window=window, global_size=g, mixing=mixing, gqa_selection=gqa, dedup=dedup,
-                        cache_weight=weight)  # names errors
-        return cls("lola", window, g, mixing, gqa=gqa, dedup=dedup, cache_weight=weight)
+                        cache_weight=weight, chunk_size=chunk, window_mode=mode)  # names errors
+        return cls("lola", window, g, mixing, gqa=gqa, dedup=dedup, cache_weight=weight, chunk_size=chunk,
+                   window_mode=mode)
 
     @property
     def label(self) -> str:
@@ -146,8 +157,11 @@ class CacheSpec:
         if self.kind == "tova":
             return f"tova:{self.global_size}"
         suffix = ("" if self.mixing == "auto" else f":{self.mixing}") + \
-            ("" if self.gqa == "query_head" else f":{self.gqa}") + ("" if not self.dedup else f":dedup{self.dedup:g}") + \
-            ("" if self.cache_weight == 1.0 else f":cw{self.cache_weight:g}")
+            ("" if self.gqa == "query_head" else f":{self.gqa}") + \
+            ("" if self.window_mode == "auto" else f":{self.window_mode}") + \
+            ("" if not self.dedup else f":dedup{self.dedup:g}") + \
+            ("" if self.cache_weight == 1.0 else f":cw{self.cache_weight:g}") + \
+            ("" if self.chunk_size is None else f":c{self.chunk_size}")
         return f"lola:{self.window}:{self.global_size}{suffix}"
 
     @property
@@ -174,7 +188,8 @@ class CacheSpec:
     def lola_settings(self) -> Optional[LolaCacheConfig]:
         if self.kind == "lola":
             return LolaCacheConfig(window=self.window, global_size=self.global_size, mixing=self.mixing,
-                                   gqa_selection=self.gqa, dedup=self.dedup, cache_weight=self.cache_weight)
+                                   gqa_selection=self.gqa, dedup=self.dedup, cache_weight=self.cache_weight,
+                                   chunk_size=self.chunk_size, window_mode=self.window_mode)
         if self.kind == "window":
             return LolaCacheConfig(window=self.window, global_size=0)
         return None

@@ -80,7 +80,9 @@ def _model_args(source: str, cache: str) -> str:
         raise ValueError(f"cache {cache!r} (linear branch off) is not wired into lm-eval; use passkey / perplexity")
     return model_args + (f",cache=lola,window={spec.window},global={spec.global_size},mixing={spec.mixing},"
                          f"gqa={spec.gqa}" + (f",dedup={spec.dedup:g}" if spec.dedup else "") +
-                         (f",cache_weight={spec.cache_weight:g}" if spec.cache_weight != 1.0 else ""))
+                         (f",cache_weight={spec.cache_weight:g}" if spec.cache_weight != 1.0 else "") +
+                         (f",chunk={spec.chunk_size}" if spec.chunk_size is not None else "") +
+                         (f",window_mode={spec.window_mode}" if spec.window_mode != "auto" else ""))
 
 
 def run_ruler(args, label: str, source: str, cache: str, out: Path) -> None:

@@ -26,6 +26,12 @@ def test_cache_specs_round_trip():
     spec = CacheSpec.parse("lola:64:768:cw4:kv_max:dedup0.98")
     assert spec.label == "lola:64:768:kv_max:dedup0.98:cw4" and spec.lola_settings().cache_weight == 4.0
     assert CacheSpec.parse("lola:64:768").lola_settings().cache_weight == 1.0
+    spec = CacheSpec.parse("lola:64:768:c16:kv_max")  # cC: the cache-update period
+    assert spec.label == "lola:64:768:kv_max:c16" and spec.lola_settings().chunk_size == 16
+    assert CacheSpec.parse("lola:64:768").lola_settings().chunk_size is None  # = the window
+    spec = CacheSpec.parse("lola:64:768:chunk:c32")  # the window rule
+    assert spec.label == "lola:64:768:chunk:c32" and spec.lola_settings().window_mode == "chunk"
+    assert CacheSpec.parse("lola:64:768").lola_settings().window_mode == "auto"  # the trained layout
 
 
 def test_lola_cache_dict_keeps_only_what_the_spec_sets():
@@ -38,6 +44,8 @@ def test_lola_cache_dict_keeps_only_what_the_spec_sets():
     full = lola_cache_dict(CacheSpec.parse("lola:64:768:kv_max:dedup0.98:cw4").lola_settings())
     assert full == {"window": 64, "global_size": 768, "gqa_selection": "kv_max", "dedup": 0.98, "cache_weight": 4.0}
     assert LolaCacheConfig.coerce(full) == CacheSpec.parse("lola:64:768:kv_max:dedup0.98:cw4").lola_settings()
+    assert lola_cache_dict(CacheSpec.parse("lola:64:768:c16").lola_settings()) == {
+        "window": 64, "global_size": 768, "chunk_size": 16}
 
 
 def test_bad_cache_specs_name_the_problem():
@@ -53,6 +61,8 @@ def test_bad_cache_specs_name_the_problem():
         CacheSpec.parse("lola:64:8:cw1.2.3")
     with pytest.raises(ConfigError, match="lola_cache.cache_weight"):
         CacheSpec.parse("lola:64:8:cw0")
+    with pytest.raises(ConfigError, match="lola_cache.chunk_size"):
+        CacheSpec.parse("lola:64:8:c0")
 
 
 def test_gqa_selection_counts_in_the_bytes():
