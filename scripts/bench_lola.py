@@ -5,7 +5,6 @@
         [--batches 1 4] [--max-sdpa-seconds 240] [--lola-cache 'window=64 global=768 gqa=kv_max dedup=0.98']
         [--attention 'linear_decay=256 feature_map_rope=false sink_tokens=4 mixing=lola_code']
     python scripts/bench_lola.py --profile 2048 --out profile.json [--lola-cache ...] [--attention ...]
-    python scripts/bench_lola.py --compare-fused 2048 --reps 5 --attention 'mixing=lola_code' --out fused.json
 
 ``--lola-cache`` (a LoLA cache spec, default 'window=64 global=256') and ``--attention`` (key=value options of the
 conversion, on top of window 64 sw) set what the LoLA side runs; the weights are the untrained conversion either
@@ -173,43 +172,6 @@ def profile_prefill(length: int, chunk: int, rows: int = 15) -> dict:
                 profiled_self_cpu_s=total, top_ops=top)
 
 
-def compare_fused(length: int, chunk: int, reps: int) -> dict:
-    """LoLA prefill of ``length`` tokens (batch 1), ``reps`` times each with lola_attend's softmax sums from the
-    fused CPU kernel and from explicit logits (lola_ops.flash_sums vs the logits path: what a torch without the
-    kernel runs), alternating in one process so that both see the same machine. Needs ``mixing=lola_code`` in
-    ``--attention`` (the only fusion the kernel serves). Prints a table."""
-    import statistics
-
-    import torch
-
-    from lola_train.convert import hybrid_layers
-    from lola_train.lola import prefill
-    from lola_train.modeling import lola_ops
-    from lola_train.modeling.lola_cache import LolaCache
-
-    model = load("lola")
-    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    if not lola_ops.use_flash(ids.float(), hybrid_layers(model)[0].attention_config.mixing):
-        raise SystemExit("--compare-fused: the fused CPU path serves mixing=lola_code only; pass --attention "
-                         "'mixing=lola_code ...' (and a torch with aten._scaled_dot_product_flash_attention_for_cpu)")
-    kernel, seconds = lola_ops._FLASH_CPU, {"fused": [], "explicit": []}
-    with torch.no_grad():
-        prefill(model, ids[:, :chunk], LolaCache(model.config, LOLA), chunk_tokens=chunk)  # warm-up
-        for i in range(reps):
-            for name in ("fused", "explicit") if i % 2 == 0 else ("explicit", "fused"):
-                lola_ops._FLASH_CPU = kernel if name == "fused" else None
-                t = time.perf_counter()
-                prefill(model, ids, LolaCache(model.config, LOLA), chunk_tokens=chunk)
-                seconds[name].append(time.perf_counter() - t)
-    lola_ops._FLASH_CPU = kernel
-    print(f"LoLA prefill {length} tokens, batch 1, {THREADS} threads, {reps} runs each, alternating\n")
-    print("| softmax sums | median s | min s | tokens/s (median) |\n|---|---|---|---|")
-    for name, ts in seconds.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med:.2f} | {min(ts):.2f} | {length / med:.0f} |")
-    return dict(part="compare_fused", length=length, reps=reps, seconds=seconds)
-
-
 def run_point(args: list[str]) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, __file__, "--point", *args], capture_output=True, text=True, env=env)
@@ -246,17 +208,12 @@ def main() -> None:
     ap.add_argument("--attention", default=ATTENTION, help="conversion options of the lola side, 'key=value ...'")
     ap.add_argument("--profile", type=int, metavar="TOKENS",
                     help="instead of the tables: where one LoLA prefill of TOKENS spends its time (torch.profiler)")
-    ap.add_argument("--compare-fused", type=int, metavar="TOKENS",
-                    help="instead of the tables: LoLA prefill of TOKENS with lola_attend's fused CPU kernel vs "
-                         "explicit logits, alternating in one process (needs --attention 'mixing=lola_code')")
-    ap.add_argument("--reps", type=int, default=5, help="runs of each side for --compare-fused")
     ap.add_argument("--point", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ["BENCH_LOLA_CACHE"], os.environ["BENCH_ATTENTION"] = args.lola_cache, args.attention  # for the points
-    if args.profile or args.compare_fused:
+    if args.profile:
         LOLA, ATTENTION = args.lola_cache, args.attention
-        result = (profile_prefill(args.profile, args.chunk) if args.profile else
-                  compare_fused(args.compare_fused, args.chunk, args.reps))
+        result = profile_prefill(args.profile, args.chunk)
         with open(args.out, "w") as f:
             json.dump(dict(lola=args.lola_cache, attention=args.attention, chunk=args.chunk, threads=THREADS,
                            **result), f, indent=1)

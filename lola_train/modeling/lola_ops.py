@@ -374,59 +374,9 @@ def _softmax_logits(q, k, mask, cache_k, cache_ok, cache_weight):
     return local, visible, cached, c_visible, m
 
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-"""PyTorch's fused CPU attention kernel (the one SDPA runs on CPU); it returns the log-sum-exp of each row beside
-the softmax output, which is all the 'lola_code' fusion needs of a key block. None in a torch without it."""
-
-
-def flash_sums(q, k, v, visible, *, shift: float = 0.0):
-    """The softmax sums of one key block by the CPU flash kernel, as (m [S,H,Lq,1], num [S,H,Lq,d], den
-    [S,H,Lq,1]) with e^m num = sum_j e^{s_j + shift} v_j and e^m den = sum_j e^{s_j + shift} over the visible keys
-    (m = their log-sum-exp, den = 1; m = -inf and num = den = 0 for a row with none). q [S,H,Lq,d] (scaled by
-    1/sqrt(d) here), k, v [S,Hk,M,d] (query head h reads key head h // (H / Hk): the H / Hk heads of a group are
-    stacked into one call, as in :func:`grouped_matmul`), visible bool [S,X,R,M] with X in (1, H, Hk) and R in
-    (1, Lq); X = Hk only with R = 1 (a per-key-head mask such as the cache's valid slots); None = all visible."""
-    s, h, lq, d = q.shape
-    hk, mk = k.shape[1], k.shape[2]
-    groups = h // hk
-    qg = q.float().reshape(s, hk, groups * lq, d)
-    bias = None
-    if visible is not None:
-        x, rows = visible.shape[1], visible.shape[2]
-        if x == h and groups > 1:
-            visible = visible.reshape(s, hk, groups * rows, mk)
-        elif x == 1 and rows > 1 and groups > 1:
-            visible = visible.repeat(1, 1, groups, 1)
-        bias = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill_(~visible, -math.inf)
-    out, lse = _FLASH_CPU(qg, k.float(), v.float(), 0.0, False, attn_mask=bias, scale=1.0 / math.sqrt(d))
-    lse, den = lse.unsqueeze(-1), torch.ones_like(lse).unsqueeze(-1)
-    if visible is not None:  # the kernel gives a row with no visible key lse 0 and output 0
-        seen = visible.any(-1, keepdim=True)
-        lse, den = torch.where(seen, lse, -math.inf), den * seen
-    if shift:
-        lse = lse + shift
-    return lse.reshape(s, h, lq, 1), out.reshape(s, h, lq, d), den.expand_as(lse).reshape(s, h, lq, 1)
-
-
-def merge_sums(a, b):
-    """Two (m, num, den) of :func:`flash_sums` over disjoint key sets -> the same of their union (m = the larger
-    of the two, 0 where both are -inf: nothing visible gives num = den = 0). a's num is overwritten."""
-    m = torch.maximum(a[0], b[0])
-    m = torch.where(m > -math.inf, m, torch.zeros_like(m))
-    wa, wb = torch.exp(a[0] - m), torch.exp(b[0] - m)
-    return m, a[1].mul_(wa).addcmul_(b[1], wb), wa * a[2] + wb * b[2]
-
-
-def use_flash(q: torch.Tensor, mixing: str) -> bool:
-    """:func:`lola_attend` takes the fused CPU kernel for 'lola_code' on CPU tensors: that fusion is invariant to
-    the softmax block's shift, so the kernel's log-sum-exp stands in for the row max. 'lolcats' shifts by the row
-    max itself, which the kernel does not return: it keeps the explicit logits."""
-    return mixing == "lola_code" and q.device.type == "cpu" and _FLASH_CPU is not None
-
-
 def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6,
                 lin_num=None, lin_den=None, cache_k=None, cache_v=None, cache_ok=None,
-                cache_weight: float = 1.0, fused: bool | None = None) -> torch.Tensor:
+                cache_weight: float = 1.0) -> torch.Tensor:
     """Attention of S independent segments against their memories (the PyTorch twin of ``lola_kernels.lola.
     lola_attend_triton``, same arguments).
 
@@ -436,35 +386,18 @@ def lola_attend(q, k, v, mask, fq, h_state, s_state, sigma, ell, *, mixing: str 
     lin_num [S,H,Lq,d], lin_den [S,H,Lq] (recent pairs out of the window, not yet scored); ``cache_weight`` w
     multiplies the cache keys' softmax weights (logits + log w; ``lola_cache.cache_weight``). Returns y [S,H,Lq,d]
     float32 = the fusion over J = (visible local keys) u (valid cache keys).
-    ``fused``: the softmax sums by the CPU flash kernel (:func:`flash_sums`, one call per key block) or by explicit
-    logits; None = :func:`use_flash`. Both give the same y to float32 round-off (tests pin them together).
     """
     s, h, lq, d = q.shape
-    if use_flash(q, mixing) if fused is None else fused:
-        if mixing != "lola_code":
-            raise ValueError("lola_attend(fused=True) computes the 'lola_code' fusion only")
-        m, num, den = flash_sums(q, k, v, mask.bool())
-        if cache_k is not None:
-            c_ok = cache_ok.unsqueeze(2)
-            cache = flash_sums(q, cache_k, cache_v, None if bool(c_ok.all()) else c_ok,
-                               shift=math.log(cache_weight))
-            m, num, den = merge_sums((m, num, den), cache)
-        else:
-            m = torch.where(m > -math.inf, m, torch.zeros_like(m))
-    else:
-        local, visible, cached, c_visible, m = _softmax_logits(q, k, mask, cache_k, cache_ok, cache_weight)
-        num, den = exp_sums(local, visible, m, v)
-        if cache_k is not None:
-            c_num, c_den = exp_sums(cached, c_visible, m.view(s, cache_k.shape[1], -1, 1), cache_v)
-            num, den = num + c_num.view(s, h, lq, d), den + c_den.view(s, h, lq, 1)
+    local, visible, cached, c_visible, m = _softmax_logits(q, k, mask, cache_k, cache_ok, cache_weight)
+    num, den = exp_sums(local, visible, m, v)
+    if cache_k is not None:
+        c_num, c_den = exp_sums(cached, c_visible, m.view(s, cache_k.shape[1], -1, 1), cache_v)
+        num, den = num + c_num.view(s, h, lq, d), den + c_den.view(s, h, lq, 1)
     fq = fq.float()
     l_num, l_den = fq @ h_state, fq @ s_state.unsqueeze(-1)
     if lin_num is not None:
-        l_num, l_den = l_num.add_(lin_num), l_den.add_(lin_den.unsqueeze(-1))
-    # :func:`mix`, in place on the fresh num and l_num (each [S,H,Lq,d] buffer is written once, not reallocated)
-    soft_scale, lin_scale, floor = mix_scales(m, sigma, ell, mixing=mixing, eps=eps)
-    y = num.mul_(soft_scale).add_(l_num.mul_(lin_scale))
-    return y.div_(mix_denominator(den * soft_scale + l_den * lin_scale, floor))
+        l_num, l_den = l_num + lin_num, l_den + lin_den.unsqueeze(-1)
+    return mix(m, num, den, l_num, l_den, sigma, ell, mixing=mixing, eps=eps)
 
 
 def fusion_weights(q, k, mask, fq, s_state, sigma, ell, *, mixing: str = "lolcats", eps: float = 1e-6,
