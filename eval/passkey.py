@@ -374,11 +374,17 @@ def needle_summary(per_layer: Sequence[dict]) -> str:
     return f"needle: {', '.join(parts)} (layers 0-{len(per_layer) - 1} mean)"
 
 
+def print_flushed(line: str) -> None:
+    """The default log: each line reaches a redirected log file at once (a long run shows its progress)."""
+    print(line, flush=True)
+
+
 def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str, cache_label: str,
               prefill_chunk: int = 1024, budget_bytes: int | None = None, estimate=None,
-              log=print, pin_needle: bool = False) -> list[CellResult]:
+              log=print_flushed, pin_needle: bool = False) -> list[CellResult]:
     """Run the samples (already grouped) on one model with its cache already switched on; one CellResult per
-    (length, depth). Cells whose estimated cache bytes exceed ``budget_bytes`` are skipped, not run.
+    (length, depth), logged when all are done, after one line per sample as it finishes. Cells whose estimated
+    cache bytes exceed ``budget_bytes`` are skipped, not run.
     ``pin_needle`` (a diagnostic): LoLA layers keep the needle's pairs in their sparse cache (``LolaLayer.pinned``)."""
     import torch
 
@@ -388,7 +394,7 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
     stop = answer_complete(tokenizer)
     question_tokens = len(tokenizer(QUESTION, add_special_tokens=False).input_ids)
     device = next(model.parameters()).device
-    for s in samples:
+    for done, s in enumerate(samples, 1):
         cell = cells.setdefault((s.length, s.depth), CellResult(label, cache_label, s.length, s.depth))
         if budget_bytes is not None and estimate is not None and estimate(s.length) > budget_bytes:
             cell.status = (f"skipped: cache needs {estimate(s.length) / 2**20:.1f} MiB > budget "
@@ -398,9 +404,12 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
         with NeedleProbe(model, s, question_tokens, pin=pin_needle) as probe:
             out = greedy_generate(model, torch.tensor([s.ids], device=device), max_new_tokens=MAX_NEW_TOKENS,
                                   prefill_chunk=prefill_chunk, eos_token_id=tokenizer.eos_token_id, stop=stop)
-        cell.seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        cell.seconds += seconds
         text = tokenizer.decode(out.new_ids)
         pred = parse_answer(text)
+        log(f"  {label} {cache_label} sample {done}/{len(samples)}: len={s.length} depth={s.depth} "
+            f"{'found' if pred == s.answer else 'missed'} (answer {s.answer}, got {pred}) {seconds:.1f}s")
         cell.n += 1
         cell.correct += int(pred == s.answer)
         cell.cache_bytes_per_seq = max(cell.cache_bytes_per_seq, out.cache_bytes)
@@ -603,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples = [s for length in lengths for s in builder.samples(length, depths, args.n, seed=args.seed)]
         for spec in specs:
             spec = set_cache(model, spec)  # budget-relative baselines come back sized for this model
-            print(f"== {label} ({source}) cache {spec.label}")
+            print_flushed(f"== {label} ({source}) cache {spec.label}")
             all_cells += run_model(model, tok, samples, label=label, cache_label=spec.label,
                                    prefill_chunk=args.prefill_chunk, budget_bytes=budget,
                                    pin_needle=args.pin_needle and label == "linearized",

@@ -62,7 +62,8 @@ def test_needle_memory_at_the_question(settings, sinks, needle_start, memory):
     assert len(cell.needle_memory) == 2                                            # one entry per layer
     for layer in cell.needle_memory:
         assert set(layer) == set(MEMORIES) and layer[memory] == 1.0
-    assert cell.needle_summary == f"needle: {memory} 100% (layers 0-1 mean)" and cell.needle_summary in logs[0]
+    assert cell.needle_summary == f"needle: {memory} 100% (layers 0-1 mean)" and cell.needle_summary in logs[-1]
+    assert logs[0].startswith("  m lola sample 1/1: len=") and len(logs) == 2       # per sample, then per cell
     assert cell.predictions[0]["needle_memory"] == cell.needle_memory
 
     # the same as prefilling the prompt up to the question into a cache and asking the layers directly
@@ -179,7 +180,7 @@ def test_answer_weights_at_the_question(settings, needle_start, needle):
         assert (layer["needle"] > 0) == needle and layer["needle_max"] >= layer["needle"]
         if not needle:
             assert layer["cache"] == 0 and layer["linear"] > 0
-    assert cell.weights_summary.startswith("answer token -> needle: up to") and cell.weights_summary in logs[0]
+    assert cell.weights_summary.startswith("answer token -> needle: up to") and cell.weights_summary in logs[-1]
     assert LolaCache(model.config).layers[0].probe is None
 
 
