@@ -528,7 +528,7 @@ def write_results(out: Path, args, cells: Sequence[CellResult], wall: float) -> 
               "wall_seconds": wall}
     from lola_train.atomic import write_json_atomic
 
-    write_json_atomic(out / "passkey.json", result)
+    write_json_atomic(out / "passkey.json", result, expand_depth=4)  # one line per sample and per layer
     return rows
 
 

@@ -141,6 +141,28 @@ def test_passkey_run_end_to_end(tiny_dir, tokenizer):
     assert all(c.status.startswith("skipped") for c in cells if c.length == 256)
 
 
+def test_passkey_json_one_line_per_sample(tmp_path):
+    """passkey.json lays out config, summary rows, cells and each cell's predictions one per line, and keeps a
+    prediction's diagnostics on its line (write_json_atomic(expand_depth=4)): the same data in a third of the bytes
+    of a fully indented file."""
+    import json
+
+    from lola_train.atomic import write_json_atomic
+    layers = [{"sink": [0.1, 0.2], "needle": [0.0, 0.7]}] * 3
+    data = {"config": {"n": 2, "caches": "full"}, "summary": [{"length": 128, "accuracy": 0.5}],
+            "cells": [{"length": 128, "predictions": [{"index": i, "answer_heads": layers} for i in range(2)],
+                       "needle_memory": [{"cache": 1.0}] * 3, "empty": []}], "wall_seconds": 1.5}
+    write_json_atomic(tmp_path / "p.json", data, expand_depth=4)
+    text = (tmp_path / "p.json").read_text()
+    assert json.loads(text) == data
+    lines = text.splitlines()
+    assert sum('"index": ' in line for line in lines) == 2 and all(
+        '"answer_heads": [{' in line for line in lines if '"index": ' in line)   # a sample and its heads: one line
+    assert len(lines) < len(json.dumps(data, indent=2).splitlines()) / 2
+    write_json_atomic(tmp_path / "q.json", data)
+    assert (tmp_path / "q.json").read_text().rstrip("\n") == json.dumps(data, indent=2)  # the default is unchanged
+
+
 def test_greedy_generate_matches_generate(tiny_dir):
     """Our streaming greedy decode == transformers' generate (teacher, DynamicCache)."""
     model, tok = load_source(str(tiny_dir))
