@@ -51,7 +51,7 @@ def _signature(kernel, io_dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def configurations(head_dim: int, feature_width: int, *, has_mask: bool, layout: int, precision: str,
+def configurations(head_dim: int, feature_width: int, *, layout: int, precision: str,
                    mixing: str = "lolcats", sinks: bool = False, states: bool = True):
     """(kernel, constexprs, num_warps) for every kernel of one call with these sizes and options, as launched by
     hybrid.py (the state scans with Triton's default of 4 warps). ``mixing`` and ``sinks`` (the sink tile, SB > 0)
@@ -59,11 +59,10 @@ def configurations(head_dim: int, feature_width: int, *, has_mask: bool, layout:
     block = kh.default_block(head_dim, feature_width)
     dh, df = kh._pow2(head_dim), kh._pow2(feature_width)
     bd, bv = min(df, 64), min(dh, 64)
-    attn = dict(LAYOUT=layout, HAS_MASK=has_mask, MIXING=kh.MIXINGS.index(mixing), C=block, DH=dh, DF=df,
-                PREC=precision)
+    attn = dict(LAYOUT=layout, MIXING=kh.MIXINGS.index(mixing), C=block, DH=dh, DF=df, PREC=precision)
     with_sinks = dict(attn, SB=kh.SINK_BLOCK if sinks else 0)
     warps = kh.num_warps(block)
-    state_fwd = (kh._state_fwd_kernel, dict(HAS_MASK=has_mask, C=block, BD=bd, BV=bv, PREC=precision), 4)
+    state_fwd = (kh._state_fwd_kernel, dict(C=block, BD=bd, BV=bv, PREC=precision), 4)
     state_bwd = (kh._state_bwd_kernel, dict(C=block, BD=bd, BV=bv, PREC=precision), 4)
     fwd = (kh._attn_fwd_kernel, with_sinks, warps)
     dq = (kh._attn_bwd_dq_kernel, with_sinks, warps)
@@ -72,7 +71,7 @@ def configurations(head_dim: int, feature_width: int, *, has_mask: bool, layout:
 
 
 def compile_kernels(head_dim: int, feature_width: int, *, arch: int = 90, io_dtype: str = "bf16",
-                    has_mask: bool = True, layout: int = 1, precision: str = "ieee", mixing: str = "lolcats",
+                    layout: int = 1, precision: str = "ieee", mixing: str = "lolcats",
                     sinks: bool = False, states: bool = True, kernels: tuple[str, ...] | None = None) -> list[dict]:
     """Compile every kernel to a cubin for sm_<arch> (``states=False``: the attention kernels only; ``kernels``:
     only those names). Returns one dict per kernel (name, options, shared bytes, limit)."""
@@ -81,7 +80,7 @@ def compile_kernels(head_dim: int, feature_width: int, *, arch: int = 90, io_dty
                            "be compiled; run this in a process without it")
     target = GPUTarget("cuda", arch, 32)
     out = []
-    for kernel, constexprs, num_warps in configurations(head_dim, feature_width, has_mask=has_mask, layout=layout,
+    for kernel, constexprs, num_warps in configurations(head_dim, feature_width, layout=layout,
                                                         precision=precision, mixing=mixing, sinks=sinks,
                                                         states=states):
         if kernels is not None and kernel.__name__ not in kernels:
@@ -91,7 +90,7 @@ def compile_kernels(head_dim: int, feature_width: int, *, arch: int = 90, io_dty
         assert "cubin" in compiled.asm, f"{kernel.__name__}: no cubin produced"
         shared = compiled.metadata.shared
         out.append(dict(kernel=kernel.__name__, head_dim=head_dim, feature_width=feature_width, arch=arch,
-                        io_dtype=io_dtype, has_mask=has_mask, layout="sw" if layout == 0 else "tk",
+                        io_dtype=io_dtype, layout="sw" if layout == 0 else "tk",
                         precision=precision, mixing=mixing if "MIXING" in constexprs else "",
                         sinks=bool(constexprs.get("SB", 0)), num_warps=num_warps, shared_bytes=shared,
                         shared_limit=SHARED_LIMIT.get(arch)))
@@ -155,7 +154,7 @@ def compile_lola_kernels(head_dim: int, feature_width: int, *, arch: int = 90, i
             name += (f"[BQ={constexprs['BQ']},{'lolcats' if constexprs['MIXING'] == 0 else 'lola_code'},"
                      f"{'cache' if constexprs['HAS_CACHE'] else 'no cache'}]")
         out.append(dict(kernel=name, head_dim=head_dim, feature_width=feature_width, arch=arch,
-                        io_dtype=io_dtype, has_mask=True, layout="lola", precision=precision, mixing="",
+                        io_dtype=io_dtype, layout="lola", precision=precision, mixing="",
                         sinks=False, num_warps=num_warps, shared_bytes=compiled.metadata.shared,
                         shared_limit=SHARED_LIMIT.get(arch)))
     return out

@@ -97,16 +97,15 @@ def _block_has(p_lo, j_lo, W, SHIFT, LAYOUT: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _key_ok(KM, b, j, Lk, HAS_MASK: tl.constexpr):
-    ok = j < Lk
-    if HAS_MASK:
-        ok = ok & (tl.load(KM + b * Lk + j, mask=j < Lk, other=0) != 0)
-    return ok
+def _key_ok(KM, b, j, Lk):
+    # always read, also when every key is real (an all-True mask): on an H200 the forward without the mask
+    # read (a HAS_MASK=False specialization) ran 39.7 ms per call against 5.4 ms with it (BENCHMARKS.md)
+    return (j < Lk) & (tl.load(KM + b * Lk + j, mask=j < Lk, other=0) != 0)
 
 
 @triton.jit
 def _state_fwd_kernel(FK, V, KM, S, Z, Lk, H, G, NB, D, d,
-                      HAS_MASK: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                      C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                       PREC: tl.constexpr):
     """S[bh, n] = sum_{real keys j < nC} fk_j^T v_j (tile [BD, BV]);  Z[bh, n] = sum fk_j (tile BD)."""
     pid_d = tl.program_id(0)
@@ -131,7 +130,7 @@ def _state_fwd_kernel(FK, V, KM, S, Z, Lk, H, G, NB, D, d,
                  mask=f_ok[:, None] & v_ok[None, :])
         tl.store(z_base + n * D + offs_f, zacc, mask=f_ok & (offs_f * 0 + pid_v == 0))
         j = n * C + rows
-        ok = _key_ok(KM, b, j, Lk, HAS_MASK)
+        ok = _key_ok(KM, b, j, Lk)
         fkb = tl.load(fk_base + j[:, None] * D + offs_f[None, :], mask=ok[:, None] & f_ok[None, :],
                       other=0.0).to(tl.float32)
         vb = tl.load(v_base + j[:, None] * d + offs_v[None, :], mask=ok[:, None] & v_ok[None, :],
@@ -160,12 +159,12 @@ def _sink_tile(K, V, SINK, kv_off, b, p, Lk, NS, d, cd, d_ok, SB: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, Y, DEN, M, AM,
                      Lq, Lk, H, G, NB, n0, P, W, SHIFT, NS, scale, d, D,
-                     LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, MIXING: tl.constexpr, SB: tl.constexpr,
+                     LAYOUT: tl.constexpr, MIXING: tl.constexpr, SB: tl.constexpr,
                      C: tl.constexpr, DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
     """One query block n (program 0, offset by n0) of one query head bh = b*H + h (program 1).
 
     Q [B,H,Lq,d], K, V [B,H/G,Lk,d], FQ [B,H,Lq,D], FK [B,H,Lk,D], SIG, ELL [H] fp32, KM [B,Lk] int8 (real and not
-    a sink; read when HAS_MASK), SINK [B,NS] int32 (read when SB > 0), S [B*H,NB,D,d], Z [B*H,NB,D] prefix states.
+    a sink), SINK [B,NS] int32 (read when SB > 0), S [B*H,NB,D,d], Z [B*H,NB,D] prefix states.
     Writes Y [B,H,Lq,d] fp32 and per row DEN (the full denominator, with the eps term in 'lola_code'), M (the
     shift of the softmax terms: m for MIXING 0 'lolcats', c = max(m, 0) for MIXING 1 'lola_code') and AM (int32
     position of the first arg-max key of the softmax set, -1 if none), all [B*H, Lq].
@@ -215,7 +214,7 @@ def _attn_fwd_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, Y, DEN, M, AM,
         l_w = tl.sum(p_snk, 1)
     for kb in range(nb, n + 1):
         j = kb * C + r
-        key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
+        key_ok = _key_ok(KM, b, j, Lk)
         v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
                     other=0.0).to(tl.float32)
         win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
@@ -281,7 +280,7 @@ def _softmax_tile_dq(q, k, pos, visible, da, m, am, sigma, scale, dsig, dm, dq, 
 def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, DO, RDEN, DELTA, M, AM,
                         DQ, DFQ, DM, DSIG, DELL, DKS, DVS,
                         Lq, Lk, H, G, NB, n0, P, W, SHIFT, NS, scale, d, D,
-                        LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, MIXING: tl.constexpr, SB: tl.constexpr,
+                        LAYOUT: tl.constexpr, MIXING: tl.constexpr, SB: tl.constexpr,
                         C: tl.constexpr, DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
     """Per query block: DQ [B,H,Lq,d], DFQ [B,H,Lq,D] and per row ([B*H, Lq]) DM = sum_J A dA (the gradient of
     -m; 0 in 'lola_code', where y does not depend on the shift), DSIG and DELL (per-row sigma/ell gradients).
@@ -330,7 +329,7 @@ def _attn_bwd_dq_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, SINK, S, Z, DO, RDEN, DEL
     kmax = tl.zeros([C, DH], dtype=tl.float32)
     for kb in range(nb, n + 1):
         j = kb * C + r
-        key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
+        key_ok = _key_ok(KM, b, j, Lk)
         v = tl.load(V + kv_off + j[:, None] * d + cd[None, :], mask=key_ok[:, None] & d_ok[None, :],
                     other=0.0).to(tl.float32)
         win, lin = _window_masks(p, j, key_ok, W, SHIFT, LAYOUT)
@@ -422,7 +421,7 @@ def _state_bwd_kernel(FQ, DO, RDEN, DELTA, ELL, DS, DZ, Lq, Lk, H, NB, P, D, d,
 def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA, M, AM, DM,
                           DK, DV, DFK,
                           Lq, Lk, H, G, NB, n0, P, W, SHIFT, scale, d, D,
-                          LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, MIXING: tl.constexpr, C: tl.constexpr,
+                          LAYOUT: tl.constexpr, MIXING: tl.constexpr, C: tl.constexpr,
                           DH: tl.constexpr, DF: tl.constexpr, PREC: tl.constexpr):
     """Per key block and query head: DK, DV [B,H,Lk,d] and DFK [B,H,Lk,D] (per query head; the host sums the
     heads of a KV group) from query blocks kb..kb+P plus the state gradients DS, DZ. Keys that KM excludes
@@ -440,7 +439,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, FQ, FK, SIG, ELL, KM, DS, DZ, DO, RDEN, DELTA
     d_ok = cd < d
     f_ok = cf < D
     j = kb * C + r
-    key_ok = _key_ok(KM, b, j, Lk, HAS_MASK)
+    key_ok = _key_ok(KM, b, j, Lk)
     kd_mask = key_ok[:, None] & d_ok[None, :]
     kf_mask = key_ok[:, None] & f_ok[None, :]
     k = tl.load(K + kv_off + j[:, None] * d + cd[None, :], mask=kd_mask, other=0.0).to(tl.float32)
@@ -557,25 +556,26 @@ class _Plan:
                     MIXING=self.mixing, C=self.C, DH=self.DH, DF=self.DF, PREC=self.prec, num_warps=self.num_warps)
 
 
-def _states(fk, v, km, plan: _Plan, has_mask: bool):
+def _states(fk, v, km, plan: _Plan):
     """Prefix states at every block boundary: S [B*H, NB, D, d], Z [B*H, NB, D] (float32)."""
     bh = plan.B * plan.H
     s = torch.empty(bh, plan.NB, plan.D, plan.d, device=fk.device, dtype=torch.float32)
     z = torch.empty(bh, plan.NB, plan.D, device=fk.device, dtype=torch.float32)
     grid = (triton.cdiv(plan.D, plan.BD), triton.cdiv(plan.d, plan.BV), bh)
     _state_fwd_kernel[grid](fk, v, km, s, z, plan.Lk, plan.H, plan.G, plan.NB, plan.D, plan.d,
-                            HAS_MASK=has_mask, C=plan.C, BD=plan.BD, BV=plan.BV, PREC=plan.prec)
+                            C=plan.C, BD=plan.BD, BV=plan.BV, PREC=plan.prec)
     return s, z
 
 
 def sink_positions(key_mask: torch.Tensor | None, batch: int, k_len: int, sink_tokens: int, device):
-    """(km, sp) for the kernels: km [B, Lk] int8 = real and not a sink (None when every key is real and there
-    are no sinks); sp [B, S] int32 = positions of the first S real keys of each row in order, Lk where a row has
+    """(km, sp) for the kernels: km [B, Lk] int8 = real and not a sink (all ones when every key is real and there
+    are no sinks: the kernels always read it); sp [B, S] int32 = positions of the first S real keys of each row in order, Lk where a row has
     fewer than S real keys (None without sinks)."""
     sinks = sink_keys(key_mask, batch, k_len, sink_tokens, device)
     if sinks is None:
-        km = None if key_mask is None else key_mask.to(device=device, dtype=torch.int8).contiguous()
-        return km, None
+        if key_mask is None:
+            return torch.ones(batch, k_len, dtype=torch.int8, device=device), None
+        return key_mask.to(device=device, dtype=torch.int8).contiguous(), None
     real = torch.ones(batch, k_len, dtype=torch.bool, device=device) if key_mask is None else \
         key_mask.to(device=device, dtype=torch.bool)
     pos = torch.where(sinks, torch.arange(k_len, device=device), k_len)
@@ -585,12 +585,10 @@ def sink_positions(key_mask: torch.Tensor | None, batch: int, k_len: int, sink_t
 
 
 def _forward(q, k, v, fq, fk, sigma, ell, km, sp, plan: _Plan):
-    """Forward launches. km: the kernels' key mask (real, not a sink) or None; sp: sink positions [B, S] or None.
+    """Forward launches. km: the kernels' key mask [B, Lk] int8 (real, not a sink); sp: sink positions [B, S] or None.
     Returns y [B,H,Lq,d] fp32 and, per row ([B*H, Lq] each), den, the softmax shift (m or c) and am."""
-    has_mask = km is not None
-    km_arg = km if has_mask else q  # placeholder pointer, never read
     sp_arg = sp if sp is not None else q  # read only when plan.SB > 0
-    s, z = _states(fk, v, km_arg, plan, has_mask)
+    s, z = _states(fk, v, km, plan)
     bh = plan.B * plan.H
     # y in fp32 even for bf16/fp16 inputs: the backward's delta = -(dy . y) / den needs the unrounded y
     # (with a rounded y the sigma/ell gradients, sums of cancelling terms, lose about 2 digits)
@@ -598,16 +596,14 @@ def _forward(q, k, v, fq, fk, sigma, ell, km, sp, plan: _Plan):
     den = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.float32)
     m = torch.empty_like(den)
     am = torch.empty(bh, plan.Lq, device=q.device, dtype=torch.int32)
-    _attn_fwd_kernel[(plan.NQ, bh)](q, k, v, fq, fk, sigma, ell, km_arg, sp_arg, s, z, y, den, m, am,
+    _attn_fwd_kernel[(plan.NQ, bh)](q, k, v, fq, fk, sigma, ell, km, sp_arg, s, z, y, den, m, am,
                                     plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P, NS=plan.NS,
-                                    HAS_MASK=has_mask, SB=plan.SB, **plan.common())
+                                    SB=plan.SB, **plan.common())
     return y, den, m, am  # the states are dropped: backward recomputes them (one cheap scan)
 
 
 def _backward(dy, q, k, v, fq, fk, sigma, ell, km, sp, y, den, m, am, plan: _Plan):
     """Backward launches. Returns fp32 (dq, dk, dv, dfq, dfk, dsigma, dell); dk, dv on the KV heads."""
-    has_mask = km is not None
-    km_arg = km if has_mask else q
     sp_arg = sp if sp is not None else q
     bh = plan.B * plan.H
     dot = (dy.float() * y).sum(-1).reshape(bh, plan.Lq)
@@ -623,7 +619,7 @@ def _backward(dy, q, k, v, fq, fk, sigma, ell, km, sp, y, den, m, am, plan: _Pla
         lin_scale = torch.exp(-m)
         rden_lin, delta_lin = rden * lin_scale, delta * lin_scale
 
-    s, z = _states(fk, v, km_arg, plan, has_mask)
+    s, z = _states(fk, v, km, plan)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(plan.B, plan.H, plan.Lq, plan.d, **f32)
     dfq = torch.empty(plan.B, plan.H, plan.Lq, plan.D, **f32)
@@ -633,10 +629,10 @@ def _backward(dy, q, k, v, fq, fk, sigma, ell, km, sp, y, den, m, am, plan: _Pla
     # per query block partial gradients of the sink keys (NS/C of q's size); summed below
     dks = torch.empty(bh, plan.NQ, plan.NS, plan.d, **f32) if plan.NS else dq
     dvs = torch.empty(bh, plan.NQ, plan.NS, plan.d, **f32) if plan.NS else dq
-    _attn_bwd_dq_kernel[(plan.NQ, bh)](q, k, v, fq, fk, sigma, ell, km_arg, sp_arg, s, z, dy, rden, delta, m, am,
+    _attn_bwd_dq_kernel[(plan.NQ, bh)](q, k, v, fq, fk, sigma, ell, km, sp_arg, s, z, dy, rden, delta, m, am,
                                        dq, dfq, dm, dsig, dell, dks, dvs,
                                        plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P, NS=plan.NS,
-                                       HAS_MASK=has_mask, SB=plan.SB, **plan.common())
+                                       SB=plan.SB, **plan.common())
     ds, dz = s, z  # reuse the state buffers for their gradients
     grid = (triton.cdiv(plan.D, plan.BD), triton.cdiv(plan.d, plan.BV), bh)
     _state_bwd_kernel[grid](fq, dy, rden_lin, delta_lin, ell, ds, dz, plan.Lq, plan.Lk, plan.H, plan.NB, plan.P,
@@ -644,10 +640,10 @@ def _backward(dy, q, k, v, fq, fk, sigma, ell, km, sp, y, den, m, am, plan: _Pla
     dk = torch.empty(plan.B, plan.H, plan.Lk, plan.d, **f32)
     dv = torch.empty_like(dk)
     dfk = torch.empty(plan.B, plan.H, plan.Lk, plan.D, **f32)
-    _attn_bwd_dkdv_kernel[(plan.NB, bh)](q, k, v, fq, fk, sigma, ell, km_arg, ds, dz, dy, rden, delta, m, am,
+    _attn_bwd_dkdv_kernel[(plan.NB, bh)](q, k, v, fq, fk, sigma, ell, km, ds, dz, dy, rden, delta, m, am,
                                          dm, dk, dv, dfk,
                                          plan.Lq, plan.Lk, plan.H, plan.G, plan.NB, plan.n0, plan.P,
-                                         HAS_MASK=has_mask, **plan.common())
+                                         **plan.common())
     if plan.NS:  # the sink keys got 0 from the dkdv kernel (masked out there): add their gradients
         real = (sp < plan.Lk)[:, None, :, None]                              # [B,1,S,1]
         index = sp.long().clamp(max=plan.Lk - 1)[:, None, :, None].expand(plan.B, plan.H, plan.NS, plan.d)

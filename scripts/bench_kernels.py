@@ -40,7 +40,7 @@ from lola_train.modeling.hybrid_ops import BACKENDS, hybrid_attention, hybrid_at
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-IMPLS = ("triton", "triton-tf32", "triton-mask", "chunked", "sdpa")
+IMPLS = ("triton", "triton-tf32", "chunked", "sdpa")
 
 
 def uses_kernels(impls) -> bool:
@@ -64,10 +64,10 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=tuple(DTYPES), help="q/k/v dtype (default: cuda bf16, cpu fp32)")
     ap.add_argument("--precision", choices=("ieee", "tf32"), default="ieee", help="tl.dot precision of the kernels")
     ap.add_argument("--impls", nargs="+",
-                    help="prefill implementations among triton, triton-tf32, triton-mask, chunked, sdpa (default: "
+                    help="prefill implementations among triton, triton-tf32, chunked, sdpa (default: "
                          "cuda triton, chunked, sdpa; cpu the PyTorch two; triton* on cpu needs TRITON_INTERPRET=1). "
-                         "Diagnostics of the kernels' speed: triton-tf32 runs their dots in TF32 (--precision for "
-                         "all), triton-mask passes an all-True key mask (a no-mask slowdown was seen on an H200)")
+                         "Diagnostic of the kernels' speed: triton-tf32 runs their dots in TF32 (--precision for "
+                         "all)")
     ap.add_argument("--no-decode", action="store_true", help="prefill rows only")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
@@ -190,16 +190,13 @@ def make_impls(args):
     if uses_kernels(args.impls):  # CUDA, or CPU under TRITON_INTERPRET=1 (checked in parse_args)
         import lola_kernels  # noqa: F401  (registers BACKENDS['triton'])
 
-        def triton_impl(precision, masked):
+        def triton_impl(precision):
             def run(q, k, v, fq, fk, sigma, ell):
-                key_mask = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device=q.device) if masked else None
-                return lola_kernels.hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, precision=precision,
-                                                            key_mask=key_mask, **kw)
+                return lola_kernels.hybrid_attention_triton(q, k, v, fq, fk, sigma, ell, precision=precision, **kw)
             return run
 
-        impls["triton"] = triton_impl(args.precision, False)
-        impls["triton-tf32"] = triton_impl("tf32", False)
-        impls["triton-mask"] = triton_impl(args.precision, True)
+        impls["triton"] = triton_impl(args.precision)
+        impls["triton-tf32"] = triton_impl("tf32")
     return {name: fn for name, fn in impls.items() if name in args.impls}
 
 

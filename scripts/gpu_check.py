@@ -21,7 +21,7 @@ Parts (``--parts``, in this order; each runs in its own process on a GPU, so a c
                 those widths (lola_kernels.guard.check_lola); errors recorded per case
   bench         hybrid attention, Triton vs chunked PyTorch vs SDPA (FlashAttention when available), 1K-32K,
                 forward and forward+backward, both head shapes, bf16: ms, tokens/s, peak memory
-                (scripts/bench_kernels.py); also the kernels with TF32 dots and with an all-True key mask
+                (scripts/bench_kernels.py); also the kernels with TF32 dots
   lola          on a Llama-3.2-1B-shaped model with random bf16 weights: a real prefill to 1K/8K/32K/128K
                 (tokens/s) then decode ms/token, softmax + DynamicCache (or OOM) vs the LoLA cache (W 64, G 256,
                 C 64; Triton kernels through 'auto', and the PyTorch path); LoLA at 128K decodes from its real
@@ -481,8 +481,8 @@ def worker_bench(cfg) -> dict:
     results = {}
     for shape, sh in s["shapes"].items():
         path = out / "logs" / f"bench_{shape}.json"
-        # triton-tf32 / triton-mask: where the kernels' time goes (fp32 'ieee' dots; the no-key-mask forward)
-        argv = ["--device", device_of(cfg), "--impls", "triton", "triton-tf32", "triton-mask", "chunked", "sdpa",
+        # triton-tf32: where the kernels' time goes (fp32 'ieee' dots)
+        argv = ["--device", device_of(cfg), "--impls", "triton", "triton-tf32", "chunked", "sdpa",
                 "--lengths", *map(str, s["lengths"]), "--heads", str(sh["heads"]), "--kv-heads", str(sh["kv_heads"]),
                 "--head-dim", str(sh["head_dim"]), "--feature-dim", str(s["feature_dim"]), "--window",
                 str(s["window"]), "--layout", sh["layout"], "--dtype", "bf16", "--warmup", str(s["warmup"]),

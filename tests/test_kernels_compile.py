@@ -33,7 +33,7 @@ def compile_rows(tmp_path, calls: str) -> list[dict]:
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    rows = compile_rows(tmp_path, "cc.compile_kernels(64, 128, arch=90, io_dtype='bf16', has_mask=True, layout=1)")
+    rows = compile_rows(tmp_path, "cc.compile_kernels(64, 128, arch=90, io_dtype='bf16', layout=1)")
     assert {r["kernel"] for r in rows} == HYBRID_KERNELS
     assert all(not r["sinks"] for r in rows) and {r["mixing"] for r in rows} == {"", "lolcats"}
 
