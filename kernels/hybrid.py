@@ -569,15 +569,13 @@ def _states(fk, v, km, plan: _Plan):
 
 def sink_positions(key_mask: torch.Tensor | None, batch: int, k_len: int, sink_tokens: int, device):
     """(km, sp) for the kernels: km [B, Lk] int8 = real and not a sink (all ones when every key is real and there
-    are no sinks: the kernels always read it); sp [B, S] int32 = positions of the first S real keys of each row in order, Lk where a row has
-    fewer than S real keys (None without sinks)."""
-    sinks = sink_keys(key_mask, batch, k_len, sink_tokens, device)
-    if sinks is None:
-        if key_mask is None:
-            return torch.ones(batch, k_len, dtype=torch.int8, device=device), None
-        return key_mask.to(device=device, dtype=torch.int8).contiguous(), None
+    are no sinks: the kernels always read it); sp [B, S] int32 = positions of the first S real keys of each row in
+    order, Lk where a row has fewer than S real keys (None without sinks)."""
     real = torch.ones(batch, k_len, dtype=torch.bool, device=device) if key_mask is None else \
         key_mask.to(device=device, dtype=torch.bool)
+    sinks = sink_keys(key_mask, batch, k_len, sink_tokens, device)
+    if sinks is None:
+        return real.to(torch.int8).contiguous(), None
     pos = torch.where(sinks, torch.arange(k_len, device=device), k_len)
     pos = torch.nn.functional.pad(pos, (0, max(0, sink_tokens - k_len)), value=k_len)
     sp = pos.sort(dim=-1).values[:, :sink_tokens]
