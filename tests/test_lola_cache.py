@@ -14,7 +14,8 @@ from lola_train.modeling.attention_config import AttentionConfig
 from lola_train.modeling.hybrid_attention import repeat_kv
 from lola_train.modeling.hybrid_ops import hybrid_attention_reference, mixing_weights
 from lola_train.modeling.lola_cache import LolaCacheConfig, LolaLayer
-from lola_train.modeling.lola_ops import MEMORIES, lola_reference, select_and_fold, self_recall_error
+from lola_train.modeling.lola_ops import (MEMORIES, DuplicatePairs, lola_reference, select_and_fold,
+                                          self_recall_error)
 
 B, H, HK, D_HEAD, W = 3, 4, 2, 8, 4
 PADS = (0, 3, 6)  # mixed left padding in one batch: none, less than a chunk, more than a chunk
@@ -201,6 +202,57 @@ def test_deduplicated_selection_keeps_one_pair_per_repeated_value():
     norms = cand_v[0, 0].norm(dim=-1)
     assert kept[0.0] == sorted(norms.topk(keep).indices.tolist()) and {0, 3} <= set(kept[0.0])
     assert kept[0.99] == [3, 4, 5]                                                # the larger copy of each value
+
+
+@pytest.mark.parametrize("gqa", ["query_head", "kv_max"])
+def test_duplicate_pairs_carried_across_updates_match_the_full_similarity(gqa):
+    """DuplicatePairs (the streaming path's dedup: the cache's similar pairs taken once, then only the new
+    candidates' similarities per update, renamed as slots move) selects exactly what demote_duplicates' full
+    [G+N, G+N] similarity selects, over many updates, with values that repeat a few directions (many duplicates)
+    exact copies (equal scores), and an update of only some rows of the batch."""
+    g = torch.Generator().manual_seed(5)
+    b, hs, d, dd, cache, n = 3, 2, 8, 6, 12, 5
+    h = hs * (1 if gqa == "query_head" else 2)                                 # query heads; hs storage heads
+    base = torch.randn(b, hs, 4, d, generator=g)
+
+    def values(m):  # 3 in 4 values near-copy one of 4 directions, the others are distinct
+        pick = base[:, :, torch.randint(0, 4, (m,), generator=g)]
+        near = pick * (1 + torch.rand(b, hs, m, 1, generator=g)) + 1e-4 * torch.randn(b, hs, m, d, generator=g)
+        return torch.where(torch.rand(b, hs, m, 1, generator=g) < 0.75, near, torch.randn(b, hs, m, d, generator=g))
+
+    def fresh():
+        return dict(k=torch.zeros(b, hs, cache + n, d), v=torch.zeros(b, hs, cache + n, d),
+                    pos=torch.full((b, hs, cache + n), -1, dtype=torch.long), fk=torch.zeros(b, h, cache + n, dd),
+                    h=torch.zeros(b, h, dd, d), s=torch.zeros(b, h, dd))
+    full, paired, plain = fresh(), fresh(), fresh()
+    pairs = DuplicatePairs.of_cache(paired["v"][:, :, :cache], paired["pos"][:, :, :cache], 0.98)
+    differs = kept_pairs = 0
+    for u in range(12):
+        new = dict(k=torch.randn(b, hs, n, d, generator=g), v=values(n),
+                   pos=torch.arange(u * n, (u + 1) * n).expand(b, hs, n).clone(),
+                   fk=torch.rand(b, h, n, dd, generator=g))
+        if u:  # an exact copy of a value and feature of the last update: equal scores, ranked by position
+            new["v"][:, :, 0], new["fk"][:, :, 0] = last["v"][:, :, 1], last["fk"][:, :, 1]
+        last = new
+        rows = torch.tensor([0, 2]) if u % 3 == 2 else None                  # some updates touch rows 0 and 2 only
+        for state in (full, paired, plain):
+            for name, t in new.items():
+                state[name][:, :, cache:] = t
+        for state, dup in ((full, None), (paired, pairs), (plain, None)):
+            cand = {name: t if rows is None else t[rows] for name, t in state.items()}
+            part = dup if rows is None or dup is None else dup.rows(rows, b)
+            select_and_fold(cand["k"], cand["v"], cand["pos"], cand["fk"], cand["h"], cand["s"], global_size=cache,
+                            gqa_selection=gqa, dedup=0.0 if state is plain else 0.98, duplicates=part)
+            if rows is not None:
+                for name, t in cand.items():
+                    state[name][rows] = t
+                if dup is not None:
+                    dup.put_rows(rows, part, b)
+        assert torch.equal(full["pos"], paired["pos"]), u
+        torch.testing.assert_close(full["h"], paired["h"])
+        differs += int(not torch.equal(plain["pos"], full["pos"]))
+        kept_pairs = max(kept_pairs, pairs.pairs.shape[0])
+    assert differs > 0 and kept_pairs > 0           # dedup changed the cache; similar pairs were carried in it
 
 
 @pytest.mark.parametrize("gqa,dedup", [("query_head", 0.0), ("kv_max", 0.0), ("kv_max", 0.98)])

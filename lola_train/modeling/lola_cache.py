@@ -17,6 +17,11 @@ row's real tokens, see ``lola_ops``; padding is never stored):
     state_at           [B]         int64        real position of the last update: with a trained linear decay,
                                                 (H, s) hold gamma^(state_at - j)-weighted sums (lola_ops)
 
+With ``dedup`` > 0 the layer also carries ``cache_pairs`` (:class:`lola_ops.DuplicatePairs`): which cached values
+nearly copy each other, derived from cache_v and kept current by each update, so that an update computes only its
+new candidates' similarities. It is derived data (a few index rows), not state: it is rebuilt from cache_v after
+any batch reordering.
+
 phi_k(k) is recomputed from the raw keys when needed (scoring, the recent pairs outside the window), never
 stored. A model with ``attention.feature_map_rope: false`` (feature maps of the unrotated keys) keeps both keys in
 recent_k and cache_k, [k | k_map] [..., 2d] (:func:`softmax_part` / :func:`map_part`). The math lives in
@@ -46,9 +51,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from .attention_config import AttentionConfig, ConfigError, check_choice, check_positive, from_mapping
 from .hybrid_ops import MIXINGS, decay_weights, mixing_weights
-from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, evict_before, expand_heads, fusion_weights,
-                       grouped_matmul, in_window, lola_attend, lola_kernels_for, recent_capacity, select_and_fold,
-                       take_rows)
+from .lola_ops import (GQA_SELECTIONS, MEMORIES, WINDOW_MODES, DuplicatePairs, evict_before, expand_heads,
+                       fusion_weights, grouped_matmul, in_window, lola_attend, lola_kernels_for, recent_capacity,
+                       select_and_fold, take_rows)
 
 
 @dataclass
@@ -192,6 +197,7 @@ class _Call:
         self.r0, self.r1, self.inv, self.recent = r0, r1, inv, recent
         self.length = inv.shape[1]
         self.work: dict[str, torch.Tensor] | None = None
+        self.duplicates: DuplicatePairs | None = None  # the cache's near-copy pairs (lola_cache.dedup > 0)
 
     def source(self, real: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """real positions [B',X] (rows ``rows`` of the batch, or all) -> index into ext; the zero slot R + L where
@@ -265,6 +271,7 @@ class LolaLayer(CacheLayerMixin):
         self.recent_k = self.recent_v = None
         self.sink_k = self.sink_v = None
         self.cache_k = self.cache_v = self.cache_pos = None
+        self.cache_pairs: DuplicatePairs | None = None  # near-copy pairs of the cache (dedup); None = derive anew
         self.h_state = self.s_state = None
         self.resolved: LolaCacheConfig | None = None
         self.sinks = 0
@@ -317,6 +324,7 @@ class LolaLayer(CacheLayerMixin):
     def _apply_batch(self, fn) -> None:
         for name, t in self.tensors().items():
             setattr(self, name, fn(t))
+        self.cache_pairs = None  # derived from cache_v at the next update
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -475,6 +483,7 @@ class LolaLayer(CacheLayerMixin):
 
         if call.work is not None:
             self.cache_k, self.cache_v, self.cache_pos = (t.clone() for t in self._cache_now(call))
+            self.cache_pairs = call.duplicates
         keep = call.source(r1[:, None] - r + torch.arange(r, device=dev))  # the last R real positions
         self.recent_k, self.recent_v = _take(ext_k, keep), _take(ext_v, keep)
         self.real_seen = r1
@@ -609,6 +618,9 @@ class LolaLayer(CacheLayerMixin):
             h = self.h_state.shape[1]
             call.work = dict(k=self.cache_k, v=self.cache_v, pos=self.cache_pos,
                              fk=attn.feature_map_k(expand_heads(map_part(self.cache_k, attn.head_dim), h)).float())
+            if self.resolved.dedup > 0:
+                call.duplicates = self.cache_pairs if self.cache_pairs is not None else \
+                    DuplicatePairs.of_cache(self.cache_v, self.cache_pos, self.resolved.dedup)
         have = call.work["pos"].shape[-1] - g
         if width > have:
             call.work = {name: torch.cat([t, t.new_zeros(*t.shape[:2], width - have, t.shape[-1])], dim=2)
@@ -656,12 +668,17 @@ class LolaLayer(CacheLayerMixin):
             s_state.mul_(age[..., None])
             fold_weight = decay_weights(gamma, expand_heads(u[:, None, None] - cand["pos"].long(), h_state.shape[1]),
                                         head_axis=1)
+        duplicates = call.duplicates
+        if duplicates is not None and rows is not None:
+            duplicates = duplicates.rows(rows, self.cache_pos.shape[0])
         select_and_fold(cand["k"], cand["v"], cand["pos"], cand["fk"], h_state, s_state, global_size=g,
                         gqa_selection=cfg.gqa_selection, eps=cfg.eps, backend=attn.attention_config.backend,
-                        fold_weight=fold_weight, dedup=cfg.dedup,
+                        fold_weight=fold_weight, dedup=cfg.dedup, duplicates=duplicates,
                         pinned=None if self.pinned is None else
                         (cand["pos"] >= self.pinned[0]) & (cand["pos"] < self.pinned[1]))
         if rows is not None:
+            if duplicates is not None:
+                call.duplicates.put_rows(rows, duplicates, self.cache_pos.shape[0])
             for name, t in cand.items():
                 work[name].index_copy_(0, rows, t)
             self.h_state.index_copy_(0, rows, h_state)

@@ -166,6 +166,87 @@ def demote_duplicates(score: torch.Tensor, cand_v: torch.Tensor, cand_pos: torch
     return torch.where(dup, -1.0 / (1.0 + score), score)
 
 
+def _unit_values(v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(v.float(), dim=-1, eps=1e-12)
+
+
+class DuplicatePairs:
+    """The near-copy pairs of one call's candidate slots, kept across its cache updates: the same demotion as
+    :func:`demote_duplicates` at a fraction of its cost. The cached values do not change between updates, only
+    their scores do, so the [G, G] value similarity is taken once per call (:meth:`of_cache`) and each update adds
+    the [N, G+N] similarity of its N new candidates (:meth:`add_candidates`); the rank order then only decides,
+    per similar pair, which of the two is the duplicate (:meth:`demote`). After the selection
+    (:meth:`follow_selection`) the pairs of dropped slots go and moved slots are renamed.
+
+    pairs [E,4] long: (row b, storage head, slot i, slot j), i != j, both valid (position >= 0), cosine >= the
+    threshold; each unordered pair once. Slots >= G hold the update's new candidates.
+    """
+
+    def __init__(self, pairs: torch.Tensor, threshold: float):
+        self.pairs, self.threshold = pairs, threshold
+
+    @classmethod
+    def of_cache(cls, cache_v: torch.Tensor, cache_pos: torch.Tensor, threshold: float) -> "DuplicatePairs":
+        """The similar pairs among the cache: cache_v [B,Hs,G,d], cache_pos [B,Hs,G] (-1 = empty)."""
+        ok = cache_pos >= 0
+        if not bool(ok.any()):
+            return cls(torch.zeros(0, 4, dtype=torch.long, device=cache_pos.device), threshold)
+        vn = _unit_values(cache_v)
+        similar = (vn @ vn.transpose(-1, -2) >= threshold).tril_(-1) & ok[..., :, None] & ok[..., None, :]
+        return cls(torch.nonzero(similar), threshold)
+
+    def add_candidates(self, cand_v: torch.Tensor, cand_pos: torch.Tensor, g: int) -> None:
+        """Add the pairs of the new candidates in slots g.. (cand_v [B,Hs,G+N,d], cand_pos [B,Hs,G+N]) with every
+        slot before them."""
+        n = cand_pos.shape[-1] - g
+        if n <= 0:
+            return
+        vn = _unit_values(cand_v)
+        new = torch.nonzero(vn[:, :, g:] @ vn.transpose(-1, -2) >= self.threshold)       # of [B,Hs,N,G+N]
+        new[:, 2] += g
+        b, hs, i, j = new.unbind(1)  # few rows (each new slot is similar to itself): filter them, not the matrix
+        new = new[(j < i) & (cand_pos[b, hs, i] >= 0) & (cand_pos[b, hs, j] >= 0)]
+        self.pairs = torch.cat([self.pairs, new])
+
+    def demote(self, score: torch.Tensor, cand_pos: torch.Tensor) -> torch.Tensor:
+        """:func:`demote_duplicates` of ``score`` [B,Hs,G+N] (SRE, -inf = not a candidate) from the pairs: of each
+        similar pair the worse (lower score; equal score and later position) is a duplicate."""
+        b, hs, i, j = self.pairs.unbind(1)
+        si, sj = score[b, hs, i], score[b, hs, j]
+        i_worse = (si < sj) | ((si == sj) & (cand_pos[b, hs, i] > cand_pos[b, hs, j]))
+        dup = torch.zeros_like(score, dtype=torch.bool)
+        dup[b, hs, torch.where(i_worse, i, j)] = True
+        dup &= score > float("-inf")
+        return torch.where(dup, -1.0 / (1.0 + score), score)
+
+    def follow_selection(self, kept: torch.Tensor, free: torch.Tensor, src: torch.Tensor) -> None:
+        """After :func:`select_and_fold`: keep the pairs of kept slots (kept [B,Hs,G+N] bool) and rename slot
+        src[k] to free[k] (the moves, [B,Hs,K])."""
+        b, hs, i, j = self.pairs.unbind(1)
+        stay = kept[b, hs, i] & kept[b, hs, j]
+        rename = torch.arange(kept.shape[-1], device=kept.device).expand(kept.shape).clone()
+        rename.scatter_(-1, src, free)
+        p = self.pairs[stay]
+        b, hs = p[:, 0], p[:, 1]
+        self.pairs = torch.stack([b, hs, rename[b, hs, p[:, 2]], rename[b, hs, p[:, 3]]], dim=1)
+
+    def rows(self, rows: torch.Tensor, batch: int) -> "DuplicatePairs":
+        """The pairs of batch rows ``rows`` [B'] as a batch of B' rows (for an update of some rows only)."""
+        index = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
+        index[rows] = torch.arange(rows.shape[0], device=rows.device)
+        p = self.pairs[index[self.pairs[:, 0]] >= 0].clone()
+        p[:, 0] = index[p[:, 0]]
+        return DuplicatePairs(p, self.threshold)
+
+    def put_rows(self, rows: torch.Tensor, part: "DuplicatePairs", batch: int) -> None:
+        """Replace the pairs of batch rows ``rows`` by ``part`` (a :meth:`rows` result, updated)."""
+        mine = torch.zeros(batch, dtype=torch.bool, device=rows.device)
+        mine[rows] = True
+        p = part.pairs.clone()
+        p[:, 0] = rows[p[:, 0]]
+        self.pairs = torch.cat([self.pairs[~mine[self.pairs[:, 0]]], p])
+
+
 def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, feature_width: int = 0):
     """The Triton LoLA kernels (module ``lola_kernels.lola``) when they should run for tensors like ``x``, else
     None (the PyTorch path). ``backend`` is ``attention.backend``: 'auto' uses them for CUDA tensors when
@@ -194,7 +275,7 @@ def lola_kernels_for(x: torch.Tensor, backend: str = "auto", head_dim: int = 0, 
 def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, global_size: int,
                     gqa_selection: str = "query_head", eps: float = 1e-6, backend: str = "auto",
                     fold_weight: torch.Tensor | None = None, dedup: float = 0.0,
-                    pinned: torch.Tensor | None = None) -> None:
+                    pinned: torch.Tensor | None = None, duplicates: DuplicatePairs | None = None) -> None:
     """One cache update (spec 4.2 'update', 4.5), in place.
 
     The candidates are the cache (the first G = global_size slots) followed by N pairs leaving the window:
@@ -206,8 +287,9 @@ def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, glob
     ``backend`` (attention.backend) picks the Triton kernels for the scores and the fold (:func:`lola_kernels_for`).
     ``fold_weight`` [B,H,G+N] (decay: gamma^(u - position)) multiplies phi_k of the pairs that are folded; the
     scores use the unweighted phi_k. ``dedup`` > 0: candidates whose value nearly copies a better candidate's are
-    ranked last (:func:`demote_duplicates`). ``pinned`` [B,Hs,G+N] bool (a diagnostic): those candidates rank
-    before all others.
+    ranked last (:func:`demote_duplicates`; with ``duplicates``, the pairs of the cache carried from the call's
+    previous update, from :class:`DuplicatePairs`, which this update then keeps current). ``pinned`` [B,Hs,G+N]
+    bool (a diagnostic): those candidates rank before all others.
     """
     heads, hs = h_state.shape[1], cand_k.shape[1]
     groups, g, n = heads // hs, global_size, cand_pos.shape[-1] - global_size
@@ -219,7 +301,10 @@ def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, glob
         else:
             sre = self_recall_error(cand_fk, cand_v, h_state, s_state, eps)
         score = group_scores(sre, groups, gqa_selection).masked_fill(~valid, float("-inf"))
-        if dedup > 0:
+        if dedup > 0 and duplicates is not None:
+            duplicates.add_candidates(cand_v, cand_pos, g)
+            score = duplicates.demote(score, cand_pos)
+        elif dedup > 0:
             score = demote_duplicates(score, cand_v, cand_pos, dedup)
         if pinned is not None:
             score = torch.where(pinned & valid, float("inf"), score)
@@ -246,6 +331,8 @@ def select_and_fold(cand_k, cand_v, cand_pos, cand_fk, h_state, s_state, *, glob
     for t in (cand_k, cand_v, cand_fk):  # row free[i] <- row src[i] (src = free: a kept slot copied onto itself)
         put_rows(t, free, take_rows(t, src))
     cand_pos.scatter_(-1, free, cand_pos.gather(-1, src))
+    if dedup > 0 and duplicates is not None:
+        duplicates.follow_selection(kept, free, src)
 
 
 def _head_index(index: torch.Tensor, h: int) -> torch.Tensor:
