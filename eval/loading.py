@@ -144,6 +144,18 @@ class CacheSpec:
         return cls("lola", window, g, mixing, gqa=gqa, dedup=dedup, cache_weight=weight, chunk_size=chunk,
                    window_mode=mode)
 
+    @classmethod
+    def of_settings(cls, settings: "LolaCacheConfig | Mapping[str, Any]", *, window: int) -> "CacheSpec":
+        """The 'lola:...' spec of LoLA cache settings (a LolaCacheConfig or its dict, e.g. an export's
+        ``config.lola_cache``); ``window``: the softmax window where the settings name none (the trained one).
+        Settings a spec cannot name (update_every 'token', another eps) are a ValueError."""
+        s = LolaCacheConfig.coerce(dict(settings) if isinstance(settings, Mapping) else settings)
+        if s.update_every != "chunk" or s.eps != LolaCacheConfig.eps:
+            raise ValueError(f"LoLA cache settings {s.to_dict()} have update_every / eps that a cache spec cannot "
+                             "name; use them through model.config.lola_cache")
+        return cls("lola", s.window or window, s.global_size, s.mixing, gqa=s.gqa_selection, dedup=s.dedup,
+                   cache_weight=s.cache_weight, chunk_size=s.chunk_size, window_mode=s.window_mode)
+
     @property
     def label(self) -> str:
         if self.kind == "full":
@@ -208,13 +220,40 @@ def _is_exported(path: str) -> bool:
     return "auto_map" in data and "lola_attention" in data
 
 
+def resolve_device(name: str = "auto"):
+    """A ``--device`` value -> torch.device: 'auto' (CUDA when this machine has it, else the CPU), 'cpu', 'cuda' or
+    'cuda:N'. A device the machine lacks is a ValueError that names the fix."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: the evaluation runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                         "use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                         f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
 def load_source(source: str, *, attention: AttentionConfig | Mapping[str, Any] | None = None,
-                dtype: str = "float32"):
-    """Return ``(model, tokenizer)`` in eval mode for a source string (see the module docstring).
+                dtype: str = "float32", device: str | None = None):
+    """Return ``(model, tokenizer)`` in eval mode for a source string (see the module docstring), on ``device``
+    (:func:`resolve_device`; None = where it loads, the CPU).
 
     attention: the attention config used by 'convert:' sources (default: AttentionConfig(), i.e. the smollm2
     recipe's window 64 'sw' Hedgehog F=64).
     """
+    if device is not None:
+        dev = resolve_device(device)
+        model, tok = load_source(source, attention=attention, dtype=dtype)
+        return model.to(dev), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lola_train.models import DTYPES, load_model
@@ -268,6 +307,30 @@ def set_cache(model: nn.Module, spec: CacheSpec, *, attention=None) -> CacheSpec
     if spec.kind == "window":
         linear_branch_off(model)
     return spec
+
+
+BACKENDS_CHOICE = ("auto", "chunked", "reference", "triton")
+
+
+def check_backend(backend: str | None) -> None:
+    """A ``--backend`` value: None (the model's own) or one of BACKENDS_CHOICE; else a ValueError naming them."""
+    if backend is not None and backend not in BACKENDS_CHOICE:
+        raise ValueError(f"--backend {backend!r} is not valid; choose one of {', '.join(BACKENDS_CHOICE)}")
+
+
+def set_backend(model: nn.Module, backend: str | None) -> int:
+    """Override ``attention.backend`` of every hybrid layer for this evaluation (None: keep the model's own), e.g.
+    'chunked' on a GPU for the exact PyTorch path without the Triton kernels' first-call compilation. Returns the
+    number of layers changed."""
+    check_backend(backend)
+    if backend is None:
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ == "HybridAttention":
+            m.attention_config.backend = backend
+            n += 1
+    return n
 
 
 def lola_cache_dict(settings: LolaCacheConfig) -> dict:

@@ -570,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a miss that remains is the fusion's, not the selection's")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--backend", default=None,
+                   help="attention.backend of the linearized model (default: its own): auto, chunked, reference "
+                        "or triton, e.g. chunked on a GPU")
     p.add_argument("--out", default="results/passkey", help="output folder: passkey.json, passkey.png")
     return p
 
@@ -579,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from .loading import CacheSpec, load_source, set_cache
+    from .loading import CacheSpec, check_backend, load_source, resolve_device, set_backend, set_cache
     from .streaming import estimate_cache_bytes
 
     if args.threads:
@@ -592,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"--caches: {e}") from None
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
+    try:
+        device = resolve_device(args.device)
+        check_backend(args.backend)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     runs = []
     if args.teacher:
         try:
@@ -606,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     builder = None
     for label, source, specs in runs:
-        model, tok = load_source(source, dtype=args.dtype)
+        model, tok = load_source(source, dtype=args.dtype, device=str(device))
+        set_backend(model, args.backend)
         if builder is None:
             builder = PasskeyBuilder(tok, args.haystack)
             samples = [s for length in lengths for s in builder.samples(length, depths, args.n, seed=args.seed)]

@@ -82,18 +82,19 @@ def token_nll(model, ids: torch.Tensor, *, chunk: int = 512, position_offset: in
 
     cache = new_cache(model)
     chunk = block_limit(cache, chunk)
+    ids = ids.to(next(model.parameters()).device)
     nll = torch.zeros(ids.shape[1], dtype=torch.float64)
     prev_last = None
     for a in range(0, ids.shape[1], chunk):
         part = ids[:, a:a + chunk]
         extra = {}
         if position_offset:
-            extra["position_ids"] = torch.arange(a, a + part.shape[1])[None] + position_offset
+            extra["position_ids"] = torch.arange(a, a + part.shape[1], device=ids.device)[None] + position_offset
         logits = model(input_ids=part, cache=cache, use_cache=True, **extra).logits.float()
         if prev_last is not None:  # the previous chunk's last position predicts this chunk's first token
-            nll[a] = F.cross_entropy(prev_last, part[:, 0]).double()
+            nll[a] = F.cross_entropy(prev_last, part[:, 0]).double().cpu()
         if part.shape[1] > 1:
-            nll[a + 1:a + part.shape[1]] = F.cross_entropy(logits[0, :-1], part[0, 1:], reduction="none").double()
+            nll[a + 1:a + part.shape[1]] = F.cross_entropy(logits[0, :-1], part[0, 1:], reduction="none").double().cpu()
         prev_last = logits[:, -1]
     return nll, cache_nbytes(cache)
 
@@ -147,10 +148,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="start each window's RoPE positions at N (a position-robustness check: the teacher's "
                         "perplexity does not change; a model that depends on absolute positions degrades)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--backend", default=None,
+                   help="attention.backend of the linearized models (default: their own): auto, chunked, "
+                        "reference or triton, e.g. chunked on a GPU")
     p.add_argument("--out", default="results/perplexity.json")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .loading import CacheSpec, is_linearized, load_source, set_cache
+    from .loading import (CacheSpec, check_backend, is_linearized, load_source, resolve_device, set_backend,
+                          set_cache)
+
+    try:
+        device = str(resolve_device(args.device))
+        check_backend(args.backend)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for entry in args.model:
         label, _, source = entry.rpartition("=") if "=" in entry else ("", "", entry)
         label = label or source
-        model, tok = load_source(source)
+        model, tok = load_source(source, device=device)
+        set_backend(model, args.backend)
         windows = token_windows(tok, text, args.seq_len, args.n_seq)
         for spec in specs:
             if spec.needs_linearized != is_linearized(model) and spec.kind != "full":

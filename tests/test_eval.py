@@ -314,3 +314,45 @@ def test_ruler_offline_patch():
     assert prepare_niah.sent_tokenize("One. Two! Three?") == ["One.", "Two!", "Three?"]
     assert with_include_path(["--tasks", "x"])[-2:] == ["--include_path", str(TASK_DIR)]
     assert with_include_path(["--include_path", "mine"]) == ["--include_path", f"mine,{TASK_DIR}"]
+
+
+def test_device_option(tiny_dir, tmp_path, monkeypatch):
+    """--device of passkey / perplexity / suite: 'auto' is the CPU on a machine without CUDA, 'cpu' loads there, and
+    a device the machine lacks (or no device at all) stops with a message that names the fix, before any model
+    loads."""
+    from lola_eval import passkey, perplexity
+    from lola_eval.loading import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_source(str(tiny_dir), device="cpu")
+    assert next(model.parameters()).device == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device; use auto, cpu, cuda"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="runs on cpu or cuda"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device.*use --device cpu"):
+        resolve_device("cuda")
+    for main, argv in ((passkey.main, ["--linearized", f"convert:{tiny_dir}", "--out", str(tmp_path / "pk")]),
+                       (perplexity.main, ["--model", str(tiny_dir), "--out", str(tmp_path / "ppl.json")])):
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            main(argv + ["--device", "cuda"])
+    assert not (tmp_path / "pk").exists() and not (tmp_path / "ppl.json").exists()
+    with pytest.raises(SystemExit, match="--backend 'cuda' is not valid; choose one of auto, chunked"):
+        passkey.main(["--linearized", f"convert:{tiny_dir}", "--backend", "cuda", "--device", "cpu"])
+
+
+def test_backend_override(tiny_dir):
+    """--backend: every hybrid layer of the loaded model computes with that attention.backend ('reference' gives
+    the chunked path's result), and the model's own stays when none is given."""
+    from lola_eval.loading import set_backend
+
+    model, tok = load_source(f"convert:{tiny_dir}", attention=ATTN)
+    layers = [m for m in model.modules() if type(m).__name__ == "HybridAttention"]
+    assert set_backend(model, None) == 0 and {m.attention_config.backend for m in layers} == {"auto"}
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        assert set_backend(model, "reference") == len(layers) > 0
+        assert {m.attention_config.backend for m in layers} == {"reference"}
+        torch.testing.assert_close(model(ids, use_cache=False).logits, ref, atol=1e-4, rtol=1e-4)

@@ -204,3 +204,28 @@ def test_targets_are_judged_from_the_measurements():
     v = verdicts(bad)
     assert set(v.values()) == {"not met"}, v
     assert set(verdicts({}).values()) == {"not measured"}
+
+
+def test_long_eval_runs_the_tools_on_an_export(tiny_dir, tmp_path):
+    """--long-eval's jobs (lola_eval.passkey and lola_eval.perplexity in child processes, here on the CPU with the
+    dry run's tiny plan) on an export carrying its own LoLA cache: the cache spec comes from its config, every job
+    runs and the rows come back; an export whose cache a spec cannot name is refused by name."""
+    from lola_eval.loading import CacheSpec, load_source
+    from lola_train.export import export_model
+    from lola_train.lola import enable_lola_cache
+
+    model, tok = load_source(f"convert:{tiny_dir}", attention={"window_size": 16, "feature_dim": 8, "chunk_size": 16})
+    enable_lola_cache(model, dict(global_size=8, gqa_selection="kv_max", window_mode="chunk", dedup=0.98))
+    export = export_model(model, tok, tmp_path / "export")
+    plan = gc.sizes(True)["long_eval"]
+    res = gc.long_eval(export, tmp_path / "eval", device="cpu", backend="chunked", plan=plan, timeout=300,
+                       log=tmp_path / "long_eval.log")
+    assert res["status"] == "passed", (res, (tmp_path / "long_eval.log").read_text()[-2000:])
+    assert res["cache"] == "lola:16:8:kv_max:chunk:dedup0.98"
+    assert CacheSpec.parse(res["cache"]).lola_settings().dedup == 0.98
+    assert {(r["haystack"], r["length"], r["cache"]) for r in res["passkey"]} == \
+        {(h, int(lengths), res["cache"]) for h, lengths, _ in plan["passkey"]}
+    assert [r["cache"] for r in res["perplexity"]] == [res["cache"]] and res["perplexity"][0]["ppl"] > 1
+    assert "--backend chunked" in (tmp_path / "long_eval.log").read_text()
+    with pytest.raises(ValueError, match="update_every / eps"):
+        CacheSpec.of_settings({"update_every": "token"}, window=16)
