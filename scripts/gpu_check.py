@@ -721,6 +721,14 @@ def _generate_checks(model_dir: str, dev: str, new_tokens: int, global_size: int
     return out
 
 
+def expects_hybrid_kernel(recipe, dev: str) -> bool:
+    """Whether a training run of ``recipe`` on ``dev`` must have taken the Triton hybrid kernel: on CUDA with
+    backend 'auto', unless the recipe trains what the kernels do not implement (attention.linear_decay, far keys
+    drawn by <stage>.cached_fraction), which 'auto' runs on the PyTorch path."""
+    return dev == "cuda" and recipe.attention.backend == "auto" and recipe.attention.linear_decay is None and \
+        not recipe.transfer.cached_fraction and not recipe.finetune.cached_fraction
+
+
 def worker_train(cfg) -> dict:
     """One recipe run in this process (pipeline.run), then the export reloaded and generating."""
     import torch
@@ -765,10 +773,8 @@ def worker_train(cfg) -> dict:
         pass
     if any(not c["passed"] for c in checks):
         problems.append("a kernel self-check failed: " + "; ".join(c["error"] for c in checks if not c["passed"]))
-    kernels_take_it = recipe.attention.linear_decay is None and not recipe.transfer.cached_fraction and \
-        not recipe.finetune.cached_fraction  # the hybrid kernels implement neither (the PyTorch path runs them)
-    if dev == "cuda" and not any(c["passed"] and c["kernel"] == "hybrid_attention_triton" for c in checks) and \
-            recipe.attention.backend == "auto" and kernels_take_it:
+    if expects_hybrid_kernel(recipe, dev) and \
+            not any(c["passed"] and c["kernel"] == "hybrid_attention_triton" for c in checks):
         problems.append("backend 'auto' never took the Triton hybrid kernel in this run")
     summary = ", ".join(f"{s} val {v['initial_val_loss']:.4g}->{v['best_val_loss']:.4g}" for s, v in stages.items()
                         if v.get("best_val_loss") is not None)
