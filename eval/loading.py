@@ -7,6 +7,10 @@ A *source* names where the weights come from:
                                                      linearized model through ``trust_remote_code``
     convert:<source>                                 the source converted with ``attention`` (untrained feature
                                                      maps: a development stand-in for a trained checkpoint)
+    softmax:<exported folder>                        an exported linearized checkpoint's weights (LoRA merged into
+                                                     q/k/v/o) in its base architecture, softmax attention over every
+                                                     pair: what the linearized model computes with unbounded memory
+                                                     (a diagnostic; a plain model, so it takes the teacher's caches)
 
 A *cache* names how the model remembers the context during evaluation:
 
@@ -261,6 +265,17 @@ def load_source(source: str, *, attention: AttentionConfig | Mapping[str, Any] |
     if not isinstance(source, str) or not source:
         raise ValueError("model source must be a non-empty string: 'embedded:smollm2', a hub id, a local folder "
                          "or 'convert:<one of those>'")
+    if source.startswith("softmax:"):
+        path = source[len("softmax:"):]
+        if not _is_exported(path):
+            raise ValueError(f"model source {source!r}: 'softmax:' takes an exported lola-train checkpoint folder "
+                             "(config.json with auto_map and lola_attention)")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
+        # without the remote code, transformers builds the base class of the config's model_type; the feature
+        # maps, mixing and decay factors are left unused
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=DTYPES[dtype])
+        return model.eval(), AutoTokenizer.from_pretrained(path)
     if source.startswith("convert:"):
         from lola_train.convert import convert
 

@@ -356,3 +356,21 @@ def test_backend_override(tiny_dir):
         assert set_backend(model, "reference") == len(layers) > 0
         assert {m.attention_config.backend for m in layers} == {"reference"}
         torch.testing.assert_close(model(ids, use_cache=False).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_softmax_source_of_an_export(tiny_dir, tmp_path):
+    """'softmax:<export>': the exported checkpoint's weights in the base architecture, softmax over every pair; for
+    an export without LoRA that is the teacher itself (same logits); a folder that is no export is refused."""
+    from lola_train.export import export_model
+
+    lin, tok = load_source(f"convert:{tiny_dir}", attention=ATTN)
+    export = export_model(lin, tok, tmp_path / "export")
+    model, tok2 = load_source(f"softmax:{export}")
+    teacher, _ = load_source(str(tiny_dir))
+    assert not is_linearized(model) and type(model).__name__ == type(teacher).__name__
+    ids = torch.randint(0, 200, (1, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, teacher(ids).logits)
+    assert tok2("a b").input_ids == tok("a b").input_ids
+    with pytest.raises(ValueError, match="'softmax:' takes an exported"):
+        load_source(f"softmax:{tiny_dir}")
