@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .convert import convert, hybrid_layers, set_transfer_mode, transfer_parameters
 from .models import load_model
-from .recipe import Recipe, to_dict
+from .recipe import STAGES, Recipe, to_dict
 from .atomic import write_json_atomic
 from .export import remove_stale_export_dirs
 
@@ -83,6 +83,12 @@ def make_accelerator():
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def run_folders() -> list[str]:
+    """The folders a run writes into under its output_dir: 'data' and one per stage that keeps files (its
+    checkpoints and ``done.json``; 'convert' writes into output_dir itself). Swept for stale temp files."""
+    return ["data"] + [stage for stage in STAGES if stage != "convert"]
 
 
 def stage_done(out: Path, stage: str) -> Path:
@@ -168,7 +174,7 @@ def run(recipe: Recipe) -> dict:
     out = Path(recipe.output_dir)
     if main:
         print(report.line())
-        remove_stale_temp_files(out, ["transfer", "finetune", "data"])  # left by a killed run
+        remove_stale_temp_files(out, run_folders())  # left by a killed run
         remove_stale_export_dirs(out / "export")
         write_json_atomic(out / "recipe.json", to_dict(recipe))
     accelerator.wait_for_everyone()

@@ -167,3 +167,21 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(referen
     b = load_file(str(out / "export" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), context()
     assert temp_files(out) == [], context()  # no temp file or temp folder left anywhere
+
+
+def test_stale_temp_files_of_every_stage_folder_are_swept(tmp_path):
+    """A kill during any atomic write leaves '.<name>.<random>.tmp' in the folder written: the sweep at the start of
+    a run covers output_dir and every folder a stage writes (export/done.json included: seed 784621 of the test
+    above was killed there), and leaves a user's files and deeper folders alone."""
+    from lola_train.pipeline import run_folders
+    from lola_train.recipe import STAGES
+    from lola_train.train.checkpoint import remove_stale_temp_files
+
+    stale = [tmp_path / ".recipe.json.ab12.tmp", tmp_path / "data" / ".train.pt.tmp"]
+    stale += [tmp_path / stage / ".done.json.x7y8.tmp" for stage in STAGES if stage != "convert"]
+    keep = [tmp_path / "export" / "notes.txt", tmp_path / "export" / "model" / ".config.json.q1.tmp"]
+    for path in stale + keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    assert sorted(remove_stale_temp_files(tmp_path, run_folders())) == sorted(stale)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
