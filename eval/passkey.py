@@ -381,11 +381,13 @@ def print_flushed(line: str) -> None:
 
 def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str, cache_label: str,
               prefill_chunk: int = 1024, budget_bytes: int | None = None, estimate=None,
-              log=print_flushed, pin_needle: bool = False) -> list[CellResult]:
+              log=print_flushed, pin_needle: bool = False, progress=None) -> list[CellResult]:
     """Run the samples (already grouped) on one model with its cache already switched on; one CellResult per
     (length, depth), logged when all are done, after one line per sample as it finishes. Cells whose estimated
     cache bytes exceed ``budget_bytes`` are skipped, not run.
-    ``pin_needle`` (a diagnostic): LoLA layers keep the needle's pairs in their sparse cache (``LolaLayer.pinned``)."""
+    ``pin_needle`` (a diagnostic): LoLA layers keep the needle's pairs in their sparse cache (``LolaLayer.pinned``).
+    ``progress(cells)``, if given, is called with the cells so far after every sample (the CLI writes partial
+    results there, so a run stopped from outside keeps every finished sample)."""
     import torch
 
     from .streaming import greedy_generate
@@ -419,6 +421,8 @@ def run_model(model, tokenizer, samples: Sequence[PasskeySample], *, label: str,
         if probe.weights is not None:
             cell.predictions[-1]["answer_weights"] = probe.weights
             cell.predictions[-1]["answer_heads"] = probe.heads
+        if progress is not None:
+            progress(list(cells.values()))
     for c in cells.values():
         probed = [p["needle_memory"] for p in c.predictions if "needle_memory" in p]
         if probed:
@@ -626,8 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             all_cells += run_model(model, tok, samples, label=label, cache_label=spec.label,
                                    prefill_chunk=args.prefill_chunk, budget_bytes=budget,
                                    pin_needle=args.pin_needle and label == "linearized",
-                                   estimate=lambda n, m=model, sp=spec: estimate_cache_bytes(m, sp, n))
-            write_results(out, args, all_cells, time.perf_counter() - t_start)  # after every cache: partial
+                                   estimate=lambda n, m=model, sp=spec: estimate_cache_bytes(m, sp, n),
+                                   progress=lambda now, done=list(all_cells): write_results(
+                                       out, args, done + now, time.perf_counter() - t_start))  # partial results
+            write_results(out, args, all_cells, time.perf_counter() - t_start)
         del model
     rows = write_results(out, args, all_cells, time.perf_counter() - t_start)
     png = heatmap(all_cells, out / "passkey.png")

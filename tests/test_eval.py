@@ -126,7 +126,10 @@ def test_passkey_run_end_to_end(tiny_dir, tokenizer):
     samples = [s for n in (128, 256) for s in PasskeyBuilder(tok).samples(n, [0.2, 0.8], 2, seed=0)]
     spec = CacheSpec.parse("lola:16:8")
     set_cache(model, spec)
-    cells = run_model(model, tok, samples, label="tiny", cache_label=spec.label, prefill_chunk=64, log=lambda s: None)
+    seen = []
+    cells = run_model(model, tok, samples, label="tiny", cache_label=spec.label, prefill_chunk=64, log=lambda s: None,
+                      progress=lambda now: seen.append(sum(c.n for c in now)))
+    assert seen == list(range(1, len(samples) + 1))  # called after every sample with the cells so far
     assert {(c.length, c.depth) for c in cells} == {(128, 0.2), (128, 0.8), (256, 0.2), (256, 0.8)}
     assert all(c.n == 1 and c.status == "ok" for c in cells)
     assert all(c.cache_bytes_per_seq == estimate_cache_bytes(model, spec, 0) for c in cells)
