@@ -294,7 +294,9 @@ def _num_layers(model: nn.Module) -> int:
 
 
 def _check_softmax(model: nn.Module, name: str) -> None:
-    if any(type(m).__name__ == "HybridAttention" for m in model.modules()):
+    from .loading import is_linearized
+
+    if is_linearized(model):
         raise ValueError(f"{name} is a baseline for the softmax teacher; this model is linearized (HybridAttention "
                          "expects contiguous keys): use a 'lola:W:G' or 'full' cache for it")
 

@@ -211,9 +211,15 @@ class CacheSpec:
         return None
 
 
+def hybrid_modules(model: nn.Module) -> list[nn.Module]:
+    """The hybrid (LoLCATs) attention layers of ``model`` in order, from lola_train or an exported checkpoint (whose
+    remote-code classes are copies, so they are matched by class name)."""
+    return [m for m in model.modules() if type(m).__name__ == "HybridAttention"]
+
+
 def is_linearized(model: nn.Module) -> bool:
     """True if the model has hybrid (LoLCATs) attention layers, from lola_train or an exported checkpoint."""
-    return any(type(m).__name__ == "HybridAttention" for m in model.modules())
+    return bool(hybrid_modules(model))
 
 
 def _is_exported(path: str) -> bool:
@@ -340,12 +346,10 @@ def set_backend(model: nn.Module, backend: str | None) -> int:
     check_backend(backend)
     if backend is None:
         return 0
-    n = 0
-    for m in model.modules():
-        if type(m).__name__ == "HybridAttention":
-            m.attention_config.backend = backend
-            n += 1
-    return n
+    layers = hybrid_modules(model)
+    for m in layers:
+        m.attention_config.backend = backend
+    return len(layers)
 
 
 def lola_cache_dict(settings: LolaCacheConfig) -> dict:
@@ -372,15 +376,13 @@ def linear_branch_off(model: nn.Module) -> int:
     (the prefix state, LoLA's H and s, linear window-overflow terms) is 0 in both fusions and the layer is softmax
     attention over its window alone (and LoLA's sparse cache, if any). No modeling file changes: a forward hook on
     each ``HybridAttention.feature_map_q``. Undo with :func:`linear_branch_on`. Returns the number of layers."""
-    n = 0
-    for m in model.modules():
-        if type(m).__name__ == "HybridAttention":
-            if getattr(m, _LINEAR_OFF, None) is None:
-                setattr(m, _LINEAR_OFF, m.feature_map_q.register_forward_hook(_zero_features))
-            n += 1
-    if n == 0:
+    layers = hybrid_modules(model)
+    for m in layers:
+        if getattr(m, _LINEAR_OFF, None) is None:
+            setattr(m, _LINEAR_OFF, m.feature_map_q.register_forward_hook(_zero_features))
+    if not layers:
         raise ValueError("linear_branch_off needs a linearized model (HybridAttention layers)")
-    return n
+    return len(layers)
 
 
 def linear_branch_on(model: nn.Module) -> None:
@@ -404,12 +406,7 @@ def linear_branch_disabled(model: nn.Module):
 def mixing_factors_by_layer(model: nn.Module) -> list[list[float]]:
     """sigma(w) per head for every hybrid layer (layer order): the learned weight of the softmax window against
     the linear terms (``HybridAttention.mixing_factors``)."""
-    rows = []
-    for m in model.modules():
-        if type(m).__name__ == "HybridAttention":
-            sigma, _ = m.mixing_factors()
-            rows.append([float(x) for x in sigma.detach().float().cpu()])
-    return rows
+    return [[float(x) for x in m.mixing_factors()[0].detach().float().cpu()] for m in hybrid_modules(model)]
 
 
 def trained_window(model: nn.Module) -> Optional[int]:

@@ -147,6 +147,17 @@ def group_scores(score: torch.Tensor, groups: int, gqa_selection: str) -> torch.
                      f"{', '.join(GQA_SELECTIONS)}")
 
 
+def _unit_values(v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(v.float(), dim=-1, eps=1e-12)
+
+
+def _ranked_last(score: torch.Tensor, dup: torch.Tensor) -> torch.Tensor:
+    """Scores with the candidates ``dup`` marks (and that are candidates: score > -inf) mapped to -1 / (1 + score),
+    in (-1, 0]: below every SRE, their order kept."""
+    dup = dup & (score > float("-inf"))
+    return torch.where(dup, -1.0 / (1.0 + score), score)
+
+
 def demote_duplicates(score: torch.Tensor, cand_v: torch.Tensor, cand_pos: torch.Tensor,
                       threshold: float) -> torch.Tensor:
     """Value-deduplicated selection scores (``lola_cache.dedup``): a candidate whose value has cosine similarity
@@ -160,14 +171,9 @@ def demote_duplicates(score: torch.Tensor, cand_v: torch.Tensor, cand_pos: torch
     """
     by_pos = cand_pos.argsort(dim=-1, stable=True)
     rank = by_pos.gather(-1, score.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True))  # best first
-    vn = torch.nn.functional.normalize(take_rows(cand_v, rank).float(), dim=-1, eps=1e-12)
+    vn = _unit_values(take_rows(cand_v, rank))
     covered = (vn @ vn.transpose(-1, -2)).tril_(-1).amax(-1) >= threshold               # [B,Hs,N] by rank
-    dup = torch.zeros_like(covered).scatter_(-1, rank, covered) & (score > float("-inf"))
-    return torch.where(dup, -1.0 / (1.0 + score), score)
-
-
-def _unit_values(v: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(v.float(), dim=-1, eps=1e-12)
+    return _ranked_last(score, torch.zeros_like(covered).scatter_(-1, rank, covered))
 
 
 class DuplicatePairs:
@@ -216,8 +222,7 @@ class DuplicatePairs:
         i_worse = (si < sj) | ((si == sj) & (cand_pos[b, hs, i] > cand_pos[b, hs, j]))
         dup = torch.zeros_like(score, dtype=torch.bool)
         dup[b, hs, torch.where(i_worse, i, j)] = True
-        dup &= score > float("-inf")
-        return torch.where(dup, -1.0 / (1.0 + score), score)
+        return _ranked_last(score, dup)
 
     def follow_selection(self, kept: torch.Tensor, free: torch.Tensor, src: torch.Tensor) -> None:
         """After :func:`select_and_fold`: keep the pairs of kept slots (kept [B,Hs,G+N] bool) and rename slot
