@@ -1381,14 +1381,14 @@ def long_eval(export_dir: Path, out_dir: Path, *, device: str, backend: str | No
 
     config = json.loads((export_dir / "config.json").read_text())
     window = config["lola_attention"]["window_size"]
-    caches = spec = CacheSpec.of_settings(config.get("lola_cache") or {}, window=window).label
+    spec = CacheSpec.of_settings(config.get("lola_cache") or {}, window=window).label
     flags = ["--device", device] + (["--backend", backend] if backend else [])
-    jobs = [(f"passkey_{haystack}", ["-m", "lola_eval.passkey", "--linearized", str(export_dir), "--caches", caches,
+    jobs = [(f"passkey_{haystack}", ["-m", "lola_eval.passkey", "--linearized", str(export_dir), "--caches", spec,
                                      "--lengths", lengths, "--n", str(n), "--haystack", haystack,
                                      "--out", str(out_dir / f"passkey_{haystack}")])
             for haystack, lengths, n in plan["passkey"]]
     tokens, n_seq = plan["perplexity"]
-    jobs.append(("perplexity", ["-m", "lola_eval.perplexity", "--model", f"student={export_dir}", "--caches", caches,
+    jobs.append(("perplexity", ["-m", "lola_eval.perplexity", "--model", f"student={export_dir}", "--caches", spec,
                                 "--seq-len", str(tokens), "--n-seq", str(n_seq),
                                 "--out", str(out_dir / "perplexity.json")]))
     out_dir.mkdir(parents=True, exist_ok=True)
