@@ -9,7 +9,7 @@ from .modeling.attention_config import AttentionConfig
 from .modeling.hybrid_attention import HybridAttention
 from .modeling.swap_attention import SUPPORTED_MODEL_TYPES, decoder_layers, swap_attention_layers
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "convert", "decoder_layers", "hybrid_layers", "set_cached_fraction",
+__all__ = ["SUPPORTED_MODEL_TYPES", "convert", "decoder_layers", "hybrid_layers", "set_activation_checkpointing", "set_cached_fraction",
            "set_transfer_mode", "transfer_parameters"]
 
 
@@ -44,11 +44,38 @@ def convert(model: nn.Module, attention_config: AttentionConfig | Mapping[str, A
     return model
 
 
-def set_cached_fraction(model: nn.Module, fraction: float) -> None:
-    """Training with far softmax keys (``<stage>.cached_fraction``, recipe.TrainSection): every layer draws keys
-    into its softmax set (HybridAttention.draw_cached) until this is set back to 0."""
+def set_cached_fraction(model: nn.Module, fraction: float, most: int | None = None) -> None:
+    """Training with far softmax keys (``<stage>.cached_fraction``, at most ``<stage>.cached_max`` per KV head and
+    sequence; recipe.TrainSection): every layer draws keys into its softmax set (HybridAttention.draw_cached) until
+    this is set back to 0."""
     for layer in hybrid_layers(model):
         layer.cached_fraction = float(fraction)
+        layer.cached_max = None if most is None else int(most)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool, *, transfer: bool) -> None:
+    """``<stage>.activation_checkpointing`` (recipe.TrainSection): trade one more forward for memory.
+
+    Stage 1 (``transfer``): each layer keeps only the inputs of its trained branch (feature maps + hybrid
+    attention) and recomputes it in the backward (HybridAttention.checkpoint_student); the frozen model keeps no
+    graph anyway, so memory no longer grows with the number of layers. Stage 2: the decoder layers are recomputed
+    in the backward (transformers' gradient checkpointing, non-reentrant: the far-key draws replay with the saved
+    RNG state)."""
+    for layer in hybrid_layers(model):
+        layer.checkpoint_student = bool(enabled and transfer)
+    if transfer:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x names
+        if enabled:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif base.is_activation_checkpointing:
+            base.activation_checkpointing_disable()
+    elif enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
 
 
 def set_transfer_mode(model: nn.Module, enabled: bool, *, xent: bool = False) -> None:

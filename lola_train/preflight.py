@@ -8,6 +8,7 @@ code 2 from ``linearize.py``) instead of a traceback after stage 1:
   already linearized; ``model.random`` is a valid config;
 - the tokenizer the data needs exists; every ``data.sources`` entry is present (local file, cached or reachable
   hub dataset, installed package);
+- ``transfer.init_from`` names a finished stage 1 of a run with the same attention;
 - ``finetune.target_modules`` name LoRA-able modules of the converted model (built on the meta device from the
   config: no weights are loaded);
 - the disk holding ``output_dir`` has room for the checkpoints and the export the run will write.
@@ -311,6 +312,9 @@ def preflight(recipe: Recipe, stages: list[str]) -> PreflightReport:
     if training:
         check_data_sources(recipe.data)
         check_tokenizer(recipe, where)
+    if "transfer" in stages and recipe.transfer.init_from:
+        from .train.transfer import init_file
+        init_file(recipe)
     config = model_config(recipe, where)
     if where is not None:  # model.random: random_config has checked the architecture
         check_model_type(name, config)

@@ -73,7 +73,15 @@ class TrainSection:
     the window and the sinks joins the softmax set with probability p ~ U(0, f), per KV head (drawn afresh each
     step; the validation draw is fixed), as LoLA's sparse cache puts far pairs there at inference. Without it the
     mixing factors (stage 1) and the LoRA weights (stage 2) only ever see the window and the sinks in the softmax
-    set. PyTorch attention paths only (the hybrid kernels do not take it)."""
+    set. PyTorch attention paths only (the hybrid kernels do not take it). cached_max M (default none): at most M
+    drawn keys per KV head and sequence, a uniform subset; LoLA's cache holds a fixed number of pairs (e.g.
+    ``lola_cache.global_size``) whatever the length, and without a cap the drawn keys make a step quadratic in
+    length.
+
+    activation_checkpointing (default false): recompute in the backward instead of keeping activations. Stage 1
+    keeps only each layer's trained-branch inputs (memory of one layer's graph instead of all of them: what lets
+    4K+ sequences train on a small machine); stage 2 recomputes the decoder layers. Same gradients, one more
+    forward of the recomputed part per step."""
 
     epochs: int = 2
     max_steps: int = -1
@@ -90,14 +98,21 @@ class TrainSection:
     plateau_patience: int = 10
     min_lr: float = 1e-5
     cached_fraction: float = 0.0
+    cached_max: Optional[int] = None
+    activation_checkpointing: bool = False
 
 
 @dataclass
 class TransferSection(TrainSection):
-    """Stage 1: loss = mse_factor * mean_layers MSE(per-head outputs) + xent_factor * mean_layers CE(weights)."""
+    """Stage 1: loss = mse_factor * mean_layers MSE(per-head outputs) + xent_factor * mean_layers CE(weights).
+
+    init_from (ours, default none): start from another run's stage-1 result instead of the initial feature maps:
+    a run folder (its ``transfer/final.pt``; its recipe's attention must match this one's) or a ``final.pt``
+    file. A length curriculum: train short, then continue at a longer ``data.seq_len`` from the short run."""
 
     mse_factor: float = 1000.0
     xent_factor: float = 0.0
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -190,6 +205,8 @@ def validate_train(prefix: str, t: TrainSection) -> None:
     _check_range(f"{prefix}.plateau_factor", t.plateau_factor, 0.0, 1.0, low_open=True)
     _check_range(f"{prefix}.min_lr", t.min_lr, 0.0)
     _check_range(f"{prefix}.cached_fraction", t.cached_fraction, 0.0, 1.0)
+    if t.cached_max is not None:
+        _check_range(f"{prefix}.cached_max (or null for no cap)", t.cached_max, 0)
 
 
 def validate_data(d: DataSection) -> None:

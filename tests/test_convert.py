@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lola_train import AttentionConfig, ConfigError, convert, hybrid_layers, set_transfer_mode, transfer_parameters
-from lola_train.convert import set_cached_fraction
+from lola_train.convert import set_activation_checkpointing, set_cached_fraction
 from lola_train.modeling.feature_maps import FeatureMap
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -125,6 +125,78 @@ def test_cached_fraction_draws_far_softmax_keys_in_both_stages():
     torch.testing.assert_close(model(x).logits, logits)
 
 
+def saved_bytes_and_grads(model, step):
+    """(bytes the autograd graph saved during ``step()``'s forward, {name: grad}) after ``step().backward()``."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    forward_bytes = sum(saved)
+    loss.backward()
+    return forward_bytes, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("xent", [False, True])
+def test_activation_checkpointing_same_gradients_less_saved_stage1(xent):
+    """transfer.activation_checkpointing: each layer recomputes its student branch in the backward. The gradients
+    are the plain ones (far-key draws and decay included) and the forward keeps less for the backward."""
+    model = convert(tiny(num_hidden_layers=3), {"window_size": 4, "sink_tokens": 2, "linear_decay": 16},
+                    transfer=True)
+    set_transfer_mode(model, True, xent=xent)
+    set_cached_fraction(model, 0.5)
+    model.train()
+    x = ids(length=48)
+
+    def step():
+        torch.manual_seed(3)  # the same far-key draws in both runs
+        model(x)
+        layers = hybrid_layers(model)
+        loss = torch.stack([layer.transfer_losses["mse"] for layer in layers]).mean()
+        if xent:
+            loss = loss + torch.stack([layer.transfer_losses["xent"] for layer in layers]).mean()
+        return loss
+
+    plain_bytes, plain = saved_bytes_and_grads(model, step)
+    set_activation_checkpointing(model, True, transfer=True)
+    assert all(layer.checkpoint_student for layer in hybrid_layers(model))
+    ckpt_bytes, ckpt = saved_bytes_and_grads(model, step)
+    assert plain.keys() == ckpt.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert ckpt_bytes < 0.5 * plain_bytes
+    set_activation_checkpointing(model, False, transfer=True)
+    assert not any(layer.checkpoint_student for layer in hybrid_layers(model))
+
+
+def test_activation_checkpointing_same_gradients_less_saved_stage2():
+    """finetune.activation_checkpointing: decoder layers recomputed in the backward (transformers' gradient
+    checkpointing); the far-key draws replay with the saved RNG state, so the gradients are the plain ones."""
+    model = convert(tiny(num_hidden_layers=3), {"window_size": 4, "sink_tokens": 2, "linear_decay": 16})
+    set_cached_fraction(model, 0.5)
+    model.train()
+    x = ids(length=48)
+
+    def step():
+        torch.manual_seed(3)
+        return model(x, labels=x, use_cache=False).loss
+
+    plain_bytes, plain = saved_bytes_and_grads(model, step)
+    set_activation_checkpointing(model, True, transfer=False)
+    assert model.is_activation_checkpointing
+    ckpt_bytes, ckpt = saved_bytes_and_grads(model, step)
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert ckpt_bytes < 0.5 * plain_bytes
+    set_activation_checkpointing(model, False, transfer=False)
+    assert not model.is_activation_checkpointing
+
+
 def test_backward_in_inference_mode_reaches_projections():
     model = convert(tiny(), {"window_size": 8})
     model.train()
@@ -228,3 +300,21 @@ def test_feature_map_kinds(kind, width):
     out = fm(torch.randn(1, 2, 7, 16))
     assert out.shape == (1, 2, 7, width) and cfg.feature_width == width
     assert (out >= 0).all()
+
+
+def test_cached_max_caps_the_drawn_keys_per_kv_head():
+    """<stage>.cached_max: at most M drawn keys per KV head and sequence (a fixed budget, as LoLA's cache), a subset
+    of the uncapped draw; none with M = 0; no cap when M >= the length."""
+    model = convert(tiny(), {"window_size": 4}, transfer=True)
+    layer = hybrid_layers(model)[0]
+    set_cached_fraction(model, 1.0)
+    groups = layer.num_key_value_groups
+    uncapped = layer.draw_cached(16, 200, torch.device("cpu"))  # eval mode: the same draws every call
+    per_head = uncapped[:, ::groups].sum(-1)
+    assert per_head.max() > 50
+    for most in (0, 7, 50, 500):
+        set_cached_fraction(model, 1.0, most)
+        capped = layer.draw_cached(16, 200, torch.device("cpu"))
+        assert not (capped & ~uncapped).any()  # a subset of the uncapped draw
+        assert torch.equal(capped[:, ::groups].sum(-1), per_head.clamp(max=most))
+        assert torch.equal(capped, capped[:, ::groups].repeat_interleave(groups, dim=1))

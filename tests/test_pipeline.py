@@ -186,3 +186,35 @@ def test_training_with_cached_fraction_in_both_stages(tmp_path, monkeypatch):
     exported = AutoModelForCausalLM.from_pretrained(results["export"]["model_dir"], trust_remote_code=True)
     layers = [m for m in exported.modules() if hasattr(m, "cached_fraction")]
     assert layers and all(m.cached_fraction == 0.0 for m in layers)
+
+
+def test_activation_checkpointing_trains_the_same_parameters(full_run, tmp_path):
+    """<stage>.activation_checkpointing recomputes instead of storing; both stages end with the plain run's
+    parameters (same data order and draws)."""
+    src, _ = full_run
+    run(tiny(tmp_path, "stages=[convert,transfer,finetune]", "transfer.activation_checkpointing=true",
+             "finetune.activation_checkpointing=true"))
+    for stage in ("transfer", "finetune"):
+        ours = torch.load(tmp_path / stage / "final.pt", weights_only=False)["params"]
+        plain = torch.load(src / stage / "final.pt", weights_only=False)["params"]
+        assert ours.keys() == plain.keys()
+        for name in plain:
+            torch.testing.assert_close(ours[name], plain[name], atol=1e-5, rtol=1e-4, msg=f"{stage} {name}")
+
+
+def test_transfer_init_from_continues_another_run(full_run, tmp_path):
+    """transfer.init_from (a length curriculum): stage 1 starts from another run's result, so its initial eval is
+    that run's best; a run with other attention or a missing folder fails before any work, naming the key."""
+    from lola_train.modeling.attention_config import ConfigError
+
+    src, results = full_run
+    out = tmp_path / "continued"
+    cont = run(tiny(out, "stages=[convert,transfer]", f"transfer.init_from={src}", "transfer.max_steps=1",
+                    "transfer.eval_every=1"))["transfer"]
+    assert cont["init_from"] == str(src / "transfer" / "final.pt")
+    assert cont["initial_val_loss"] == pytest.approx(results["transfer"]["best_val_loss"], rel=1e-5)
+    with pytest.raises(ConfigError, match="attention.window_size"):
+        run(tiny(tmp_path / "other", "stages=[convert,transfer]", f"transfer.init_from={src}",
+                 "attention.window_size=8"))
+    with pytest.raises(ConfigError, match="transfer.init_from"):
+        run(tiny(tmp_path / "missing", "stages=[convert,transfer]", f"transfer.init_from={tmp_path / 'nowhere'}"))

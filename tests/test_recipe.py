@@ -40,6 +40,7 @@ def test_llama_recipes_carry_the_published_values():
     ("transfer.plateau_factor=2.0", "transfer.plateau_factor=2.0"),
     ("transfer.max_steps=0", "transfer.max_steps"),
     ("transfer.cached_fraction=1.5", "transfer.cached_fraction=1.5"),
+    ("finetune.cached_max=-1", "finetune.cached_max (or null for no cap)=-1"),
     ("transfer.grad_accum=abc", "transfer.grad_accum"),
     ("export.dtype=int8", "export.dtype='int8' is not valid; choose one of 'model', 'float32'"),
     ("attention.window_layout=xx", "attention.window_layout='xx'"),

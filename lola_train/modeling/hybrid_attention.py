@@ -10,7 +10,10 @@ Order of operations (traps T1, T2): project -> (q/k norm) -> RoPE -> cache -> re
 In transfer mode (stage 1) the layer also computes the teacher, exact causal softmax attention on the same
 q, k, v under ``no_grad``, records the per-layer losses in ``self.transfer_losses`` ('mse', optional 'xent', and
 the detached diagnostic 'mse_by_position' [Lq]) and returns the TEACHER's
-output, so that every layer sees teacher inputs (teacher forcing through depth, trap T17).
+output, so that every layer sees teacher inputs (teacher forcing through depth, trap T17). Each layer's loss then
+depends on that layer's own parameters only, so with ``checkpoint_student`` (``transfer.activation_checkpointing``)
+the layer keeps only the inputs of its student branch and recomputes the branch in the backward: stage-1 memory
+is one layer's graph instead of every layer's, for one more student forward per layer.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention_config import AttentionConfig
 from .feature_maps import FeatureMap
@@ -122,6 +126,8 @@ class HybridAttention(nn.Module):
         self.transfer_mode = False
         self.transfer_xent = False
         self.cached_fraction = 0.0  # <stage>.cached_fraction while a stage trains (convert.set_cached_fraction)
+        self.cached_max: int | None = None  # <stage>.cached_max: most drawn keys per KV head and sequence
+        self.checkpoint_student = False  # transfer.activation_checkpointing (convert.set_activation_checkpointing)
         self.transfer_losses: dict[str, torch.Tensor] = {}
         self.train(attn.training)  # follow the replaced module's train/eval mode (LoLA switches on in eval only)
 
@@ -194,37 +200,29 @@ class HybridAttention(nn.Module):
     def attend(self, q, k, v, key_mask, q_map=None, k_map=None) -> torch.Tensor:
         """Hybrid attention on expanded heads (q_map, k_map: what the feature maps read; default q, k); in transfer
         mode records the losses and returns the teacher."""
-        cfg = self.attention_config
-        fq = self.feature_map_q(q if q_map is None else q_map)
-        fk = self.feature_map_k(k if k_map is None else k_map)
-        sigma, ell = self.mixing_factors()
         cached = None
         if self.cached_fraction > 0 and q.shape[2] == k.shape[2]:  # a training forward: far keys drawn as softmax
             cached = self.draw_cached(q.shape[0], k.shape[2], q.device)
         if not self.transfer_mode:
-            return hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
-                                    key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend,
-                                    mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay(),
-                                    cached=cached)
+            return self.student(q, k, v, key_mask, q_map, k_map, cached)
         with torch.no_grad():
             y_teacher, a_teacher = softmax_teacher(q, k, v, key_mask, self.transfer_xent)
         rows = torch.ones(q.shape[0], q.shape[2], device=q.device) if key_mask is None else \
             key_mask[:, k.shape[2] - q.shape[2]:].float()
         rows = rows[:, None, :, None]  # [B,1,Lq,1]: real query rows
         n_rows = rows.sum() * q.shape[1]
-        if self.transfer_xent:
-            y, a = hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, window=cfg.window_size,
-                                              layout=cfg.window_layout, key_mask=key_mask, return_weights=True,
-                                              mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay(),
-                                              cached=cached)
-            ce = -(a_teacher * torch.log(a.clamp_min(1e-12))).sum(-1, keepdim=True)
-            self.transfer_losses = {"xent": (ce * rows).sum() / n_rows}
+        args = (q, k, v, key_mask, q_map, k_map, cached, self.transfer_xent)
+        if self.checkpoint_student and torch.is_grad_enabled():  # keep the inputs, recompute in the backward
+            out = checkpoint(self.student, *args, use_reentrant=False)
         else:
-            y = hybrid_attention(q, k, v, fq, fk, sigma, ell, window=cfg.window_size, layout=cfg.window_layout,
-                                 key_mask=key_mask, chunk_size=cfg.chunk_size, backend=cfg.backend,
-                                 mixing=cfg.mixing, sink_tokens=cfg.sink_tokens, decay=self.decay(),
-                                 cached=cached)
-            self.transfer_losses = {}
+            out = self.student(*args)
+        self.transfer_losses = {}
+        if self.transfer_xent:
+            y, a = out
+            ce = -(a_teacher * torch.log(a.clamp_min(1e-12))).sum(-1, keepdim=True)
+            self.transfer_losses["xent"] = (ce * rows).sum() / n_rows
+        else:
+            y = out
         se = (y.float() - y_teacher) ** 2 * rows                       # [B,H,Lq,d]
         self.transfer_losses["mse"] = se.sum() / (n_rows * q.shape[-1])
         with torch.no_grad():  # diagnostics: MSE per query position [Lq] over batch rows, heads and head dims
@@ -232,14 +230,34 @@ class HybridAttention(nn.Module):
             self.transfer_losses["mse_by_position"] = se.detach().sum((0, 1, 3)) / per_pos.clamp_min(1)
         return y_teacher.to(q.dtype)
 
+    def student(self, q, k, v, key_mask, q_map, k_map, cached, weights: bool = False):
+        """The trained branch: feature maps, then hybrid attention -> y [B,H,Lq,d] (and, with ``weights``, the
+        attention weights [B,H,Lq,Lk] from the quadratic reference, for stage 1's cross-entropy)."""
+        cfg = self.attention_config
+        fq = self.feature_map_q(q if q_map is None else q_map)
+        fk = self.feature_map_k(k if k_map is None else k_map)
+        sigma, ell = self.mixing_factors()
+        common = dict(window=cfg.window_size, layout=cfg.window_layout, key_mask=key_mask, mixing=cfg.mixing,
+                      sink_tokens=cfg.sink_tokens, decay=self.decay(), cached=cached)
+        if weights:
+            return hybrid_attention_reference(q, k, v, fq, fk, sigma, ell, return_weights=True, **common)
+        return hybrid_attention(q, k, v, fq, fk, sigma, ell, chunk_size=cfg.chunk_size, backend=cfg.backend,
+                                **common)
+
     def draw_cached(self, batch: int, k_len: int, device) -> torch.Tensor:
         """Bool [B,H,Lk]: the keys that join the softmax set while a stage trains (<stage>.cached_fraction f).
         Each row draws p ~ U(0, f), then each key is cached with probability p, per KV head (its query heads share
-        it, like LoLA's kv-head selections). Training draws afresh each call; eval mode draws the same keys every
-        time (a generator seeded with the layer index), so validation losses compare across steps."""
+        it, like LoLA's kv-head selections); with ``cached_max`` M, a KV head keeps the M of them with the lowest
+        draws (a uniform subset), as LoLA's cache holds a fixed number of pairs whatever the length, and the cost
+        stays linear in length. Training draws afresh each call; eval mode draws the same keys every time (a
+        generator seeded with the layer index), so validation losses compare across steps."""
         gen = None if self.training else torch.Generator(device=device).manual_seed(self.layer_idx)
         p = torch.rand(batch, 1, 1, generator=gen, device=device) * self.cached_fraction
-        keep = torch.rand(batch, self.num_kv_heads, k_len, generator=gen, device=device) < p
+        draws = torch.rand(batch, self.num_kv_heads, k_len, generator=gen, device=device)
+        keep = draws < p
+        if self.cached_max is not None and self.cached_max < k_len:
+            nth = draws.kthvalue(self.cached_max + 1, dim=-1, keepdim=True).values if self.cached_max else 0.0
+            keep = keep & (draws < nth)  # draws are distinct with probability 1
         return repeat_kv(keep, self.num_key_value_groups)
 
     def extra_repr(self) -> str:

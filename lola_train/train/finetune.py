@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..convert import set_cached_fraction
+from ..convert import set_activation_checkpointing, set_cached_fraction
 from ..data import IGNORE_INDEX
 from ..recipe import Recipe
 from .checkpoint import atomic_torch_save, trainable_state
@@ -42,7 +42,8 @@ def run_finetune(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
     data = data_fn(tok, model.config.vocab_size)
     peft_model = add_lora(model, recipe.finetune)
     named = finetune_named_parameters(peft_model)
-    set_cached_fraction(peft_model, recipe.finetune.cached_fraction)
+    set_cached_fraction(peft_model, recipe.finetune.cached_fraction, recipe.finetune.cached_max)
+    set_activation_checkpointing(peft_model, recipe.finetune.activation_checkpointing, transfer=False)
     result = train_loop(stage="finetune", model=peft_model, loss_fn=lm_loss_fn, train=data["train"],
                         val=data["val"], cfg=recipe.finetune, folder=folder, accelerator=accelerator,
                         metrics=metrics, seed=recipe.seed, summarize=lm_summarize)
@@ -52,6 +53,7 @@ def run_finetune(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
                "seconds_per_step": result.seconds_per_step, "trainable_params": sum(p.numel() for _, p in named),
                "total_params": sum(p.numel() for p in peft_model.parameters())}
     set_cached_fraction(peft_model, 0.0)
+    set_activation_checkpointing(peft_model, False, transfer=False)
     if accelerator.is_main_process:
         atomic_torch_save({"params": trainable_state(named), **summary}, folder / "final.pt")
     accelerator.wait_for_everyone()

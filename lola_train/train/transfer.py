@@ -10,16 +10,52 @@ where the MSE is over all elements of the per-head outputs [B, H, L, d] before o
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from ..convert import hybrid_layers, set_cached_fraction
+from ..convert import hybrid_layers, set_activation_checkpointing, set_cached_fraction
+from ..modeling.attention_config import ConfigError
 from ..recipe import Recipe
-from .checkpoint import atomic_torch_save, trainable_state
+from .checkpoint import atomic_torch_save, load_named, trainable_state
 from ..metrics_buckets import bucket_means
 from .loop import default_summarize, train_loop
-from .student import load_converted, named_transfer_parameters
+from .student import TRANSFER_FINAL, load_converted, named_transfer_parameters
+
+INIT_MUST_MATCH = ("feature_map", "feature_dim", "fullspace", "feature_map_bias", "window_size", "window_layout",
+                   "affine_attention_factors", "mixing", "sink_tokens", "feature_map_rope")
+"""attention.* fields that change what the stage-1 parameters mean: transfer.init_from needs them equal (the
+initial values, chunk size and backend may differ)."""
+
+
+def init_file(recipe: Recipe) -> Path:
+    """The stage-1 file ``transfer.init_from`` names, checked (it exists; the run it comes from has the same
+    attention) without loading it: preflight calls this before any work."""
+    source = Path(recipe.transfer.init_from)
+    path = source / TRANSFER_FINAL if source.is_dir() else source
+    if not path.is_file():
+        raise ConfigError(f"transfer.init_from={recipe.transfer.init_from}: {path} does not exist; give the folder "
+                          f"of a run whose stage 1 finished (it holds {TRANSFER_FINAL}) or a final.pt file")
+    theirs_path = source / "recipe.json"
+    if source.is_dir() and theirs_path.is_file():
+        theirs = json.loads(theirs_path.read_text()).get("attention", {})
+        ours = recipe.attention.to_dict()
+        differ = [k for k in INIT_MUST_MATCH if k in theirs and theirs[k] != ours.get(k)]
+        if differ:
+            k = differ[0]
+            raise ConfigError(f"transfer.init_from={source}: that run has attention.{k}={theirs[k]!r}, this recipe "
+                              f"{ours.get(k)!r}; set attention.{k}={theirs[k]} (stage-1 parameters only carry "
+                              f"over between runs with the same attention)")
+    return path
+
+
+def load_init(recipe: Recipe, model) -> str:
+    """Copy the stage-1 parameters named by ``transfer.init_from`` into ``model``; returns the file read."""
+    path = init_file(recipe)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_named(named_transfer_parameters(model), state["params"], f"transfer.init_from={path}")
+    return str(path)
 
 
 def transfer_loss_fn(layers, mse_factor: float, xent_factor: float):
@@ -60,12 +96,15 @@ def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
     model, tok = load_converted(recipe, transfer=True)
     data = data_fn(tok, model.config.vocab_size)
     layers = hybrid_layers(model)
-    set_cached_fraction(model, cfg.cached_fraction)
+    init_path = load_init(recipe, model) if cfg.init_from else None  # a resumed run then loads its own ckpt
+    set_cached_fraction(model, cfg.cached_fraction, cfg.cached_max)
+    set_activation_checkpointing(model, cfg.activation_checkpointing, transfer=True)
     result = train_loop(stage="transfer", model=model, loss_fn=transfer_loss_fn(layers, cfg.mse_factor,
                                                                                  cfg.xent_factor),
                         train=data["train"], val=data["val"], cfg=cfg, folder=folder, accelerator=accelerator,
                         metrics=metrics, seed=recipe.seed, summarize=summarize_transfer)
-    summary = {"steps": result.steps, "resumed_from": result.resumed_from, "best_step": result.best_step,
+    summary = {"steps": result.steps, "resumed_from": result.resumed_from, "init_from": init_path,
+               "best_step": result.best_step,
                "best_val_loss": result.best_loss, "initial_val_loss": result.initial_eval.get("loss"),
                "mse_per_layer_before": result.initial_eval.get("mse_per_layer"),
                "mse_per_layer_last_eval": result.last_eval.get("mse_per_layer"),
@@ -74,6 +113,7 @@ def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
                "seconds_per_step": result.seconds_per_step,
                "trainable_params": sum(p.numel() for _, p in named_transfer_parameters(model))}
     set_cached_fraction(model, 0.0)
+    set_activation_checkpointing(model, False, transfer=True)
     if accelerator.is_main_process:
         atomic_torch_save({"params": trainable_state(named_transfer_parameters(model)), **summary},
                           folder / "final.pt")
