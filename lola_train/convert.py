@@ -9,8 +9,8 @@ from .modeling.attention_config import AttentionConfig
 from .modeling.hybrid_attention import HybridAttention
 from .modeling.swap_attention import SUPPORTED_MODEL_TYPES, decoder_layers, swap_attention_layers
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "convert", "decoder_layers", "hybrid_layers", "set_activation_checkpointing", "set_cached_fraction",
-           "set_transfer_mode", "transfer_parameters"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "convert", "decoder_layers", "hybrid_layers", "set_activation_checkpointing",
+           "set_cached_fraction", "set_transfer_mode", "transfer_parameters"]
 
 
 def hybrid_layers(model: nn.Module) -> list[HybridAttention]:

@@ -104,8 +104,8 @@ def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
                         train=data["train"], val=data["val"], cfg=cfg, folder=folder, accelerator=accelerator,
                         metrics=metrics, seed=recipe.seed, summarize=summarize_transfer)
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "init_from": init_path,
-               "best_step": result.best_step,
-               "best_val_loss": result.best_loss, "initial_val_loss": result.initial_eval.get("loss"),
+               "best_step": result.best_step, "best_val_loss": result.best_loss,
+               "initial_val_loss": result.initial_eval.get("loss"),
                "mse_per_layer_before": result.initial_eval.get("mse_per_layer"),
                "mse_per_layer_last_eval": result.last_eval.get("mse_per_layer"),
                "mse_by_bucket_before": result.initial_eval.get("mse_by_bucket"),
