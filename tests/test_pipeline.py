@@ -216,5 +216,9 @@ def test_transfer_init_from_continues_another_run(full_run, tmp_path):
     with pytest.raises(ConfigError, match="attention.window_size"):
         run(tiny(tmp_path / "other", "stages=[convert,transfer]", f"transfer.init_from={src}",
                  "attention.window_size=8"))
+    decay_fix = "attention.linear_decay=None, this recipe 16; set attention.linear_decay=null"
+    with pytest.raises(ConfigError, match=decay_fix):
+        run(tiny(tmp_path / "decay", "stages=[convert,transfer]", f"transfer.init_from={src}",
+                 "attention.linear_decay=16"))
     with pytest.raises(ConfigError, match="transfer.init_from"):
         run(tiny(tmp_path / "missing", "stages=[convert,transfer]", f"transfer.init_from={tmp_path / 'nowhere'}"))

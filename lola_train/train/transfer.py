@@ -42,10 +42,13 @@ def init_file(recipe: Recipe) -> Path:
         theirs = json.loads(theirs_path.read_text()).get("attention", {})
         ours = recipe.attention.to_dict()
         differ = [k for k in INIT_MUST_MATCH if k in theirs and theirs[k] != ours.get(k)]
+        if "linear_decay" in theirs and (theirs["linear_decay"] is None) != (ours.get("linear_decay") is None):
+            differ.append("linear_decay")  # its value is only the initial horizon; with or without is what counts
         if differ:
             k = differ[0]
+            value = "null" if theirs[k] is None else theirs[k]
             raise ConfigError(f"transfer.init_from={source}: that run has attention.{k}={theirs[k]!r}, this recipe "
-                              f"{ours.get(k)!r}; set attention.{k}={theirs[k]} (stage-1 parameters only carry "
+                              f"{ours.get(k)!r}; set attention.{k}={value} (stage-1 parameters only carry "
                               f"over between runs with the same attention)")
     return path
 
