@@ -81,7 +81,12 @@ class TrainSection:
     activation_checkpointing (default false): recompute in the backward instead of keeping activations. Stage 1
     keeps only each layer's trained-branch inputs (memory of one layer's graph instead of all of them: what lets
     4K+ sequences train on a small machine); stage 2 recomputes the decoder layers. Same gradients, one more
-    forward of the recomputed part per step."""
+    forward of the recomputed part per step.
+
+    decay_lr_scale s (ours, default 1): the decay logits of ``attention.linear_decay`` (``decay_factors``) train at
+    s x lr, in their own AdamW group (the plateau schedule scales both groups). With Adam a logit moves about lr
+    per step, so at lr 1e-2 a learned horizon 1 + e^logit grows at most e-fold per ~100 steps; a length curriculum
+    of a few hundred long steps needs a larger step for them than for the feature maps."""
 
     epochs: int = 2
     max_steps: int = -1
@@ -100,6 +105,7 @@ class TrainSection:
     cached_fraction: float = 0.0
     cached_max: Optional[int] = None
     activation_checkpointing: bool = False
+    decay_lr_scale: float = 1.0
 
 
 @dataclass
@@ -205,6 +211,7 @@ def validate_train(prefix: str, t: TrainSection) -> None:
     _check_range(f"{prefix}.plateau_factor", t.plateau_factor, 0.0, 1.0, low_open=True)
     _check_range(f"{prefix}.min_lr", t.min_lr, 0.0)
     _check_range(f"{prefix}.cached_fraction", t.cached_fraction, 0.0, 1.0)
+    _check_range(f"{prefix}.decay_lr_scale", t.decay_lr_scale, 0.0, low_open=True)
     if t.cached_max is not None:
         _check_range(f"{prefix}.cached_max (or null for no cap)", t.cached_max, 0)
 

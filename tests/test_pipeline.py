@@ -2,6 +2,7 @@
 lola_train (logits equal to the in-memory model), and kill-then-resume reaches the parameters of an uninterrupted
 run. Also: finished stages are skipped, and a later stage without its input fails with a clear message."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -222,3 +223,38 @@ def test_transfer_init_from_continues_another_run(full_run, tmp_path):
                  "attention.linear_decay=16"))
     with pytest.raises(ConfigError, match="transfer.init_from"):
         run(tiny(tmp_path / "missing", "stages=[convert,transfer]", f"transfer.init_from={tmp_path / 'nowhere'}"))
+
+
+def test_decay_lr_scale_steps_the_decay_logits_faster(tmp_path):
+    """transfer.decay_lr_scale: after one AdamW step (|update| ~ lr per parameter) the decay logits moved
+    decay_lr_scale times as far as with the default, the feature maps as far as with the default; the summary
+    reports the learned horizons; resuming with another scale fails naming the key."""
+    from lola_train.modeling.attention_config import ConfigError
+
+    one = ["stages=[convert,transfer]", "attention.linear_decay=16", "transfer.max_steps=1", "transfer.eval_every=1"]
+    base = run(tiny(tmp_path / "base", *one))["transfer"]
+    fast = run(tiny(tmp_path / "fast", *one, "transfer.decay_lr_scale=10"))["transfer"]
+    init = torch.load(tmp_path / "base" / "transfer" / "final.pt", weights_only=False)
+    ends = {k: torch.load(tmp_path / k / "transfer" / "final.pt", weights_only=False)["params"]
+            for k in ("base", "fast")}
+    start = math.log(16 - 1.0)
+    decay = [n for n in ends["base"] if n.endswith("decay_factors")]
+    assert decay and len(decay) < len(ends["base"])
+    for n in decay:
+        moved_base = (ends["base"][n] - start).abs()
+        moved_fast = (ends["fast"][n] - start).abs()
+        assert moved_base.max() > 0
+        torch.testing.assert_close(moved_fast, 10 * moved_base, rtol=0.05, atol=1e-4)
+    other = next(n for n in ends["base"] if "feature_map" in n)
+    torch.testing.assert_close(ends["fast"][other], ends["base"][other])
+    for summary in (base, fast):
+        h = summary["decay_horizons_initial"]
+        assert h["min"] == h["max"] == pytest.approx(16.0)
+        assert summary["decay_horizons_final"]["max"] != pytest.approx(16.0)
+    assert init["decay_horizons_final"] == base["decay_horizons_final"]
+    for done in ("final.pt", "done.json"):  # resume the checkpoint of step 1 with the default scale
+        (tmp_path / "fast" / "transfer" / done).unlink()
+    with pytest.raises(ConfigError, match="transfer.decay_lr_scale"):
+        run(tiny(tmp_path / "fast", *one, "transfer.max_steps=2"))
+    with pytest.raises(ConfigError, match="transfer.decay_lr_scale"):
+        tiny(tmp_path / "bad", "transfer.decay_lr_scale=0")

@@ -128,6 +128,17 @@ def prepare_for_sharding(accelerator, model: nn.Module, cfg: TrainSection, stage
                               f"config's mixed_precision: bf16 compute in bf16, or use fsdp_version: 2")
 
 
+def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainSection) -> list[dict]:
+    """AdamW groups: every parameter at ``cfg.lr``; with ``decay_lr_scale != 1`` the decay logits
+    (``*decay_factors``) form a second group at ``decay_lr_scale * lr``. The base group stays first (its lr is
+    the one logged)."""
+    is_decay = [n.endswith("decay_factors") for n, _ in named]
+    if cfg.decay_lr_scale == 1.0 or not any(is_decay) or all(is_decay):
+        return [{"params": [p for _, p in named], "lr": cfg.lr * (cfg.decay_lr_scale if all(is_decay) else 1.0)}]
+    return [{"params": [p for (_, p), d in zip(named, is_decay) if not d], "lr": cfg.lr},
+            {"params": [p for (_, p), d in zip(named, is_decay) if d], "lr": cfg.lr * cfg.decay_lr_scale}]
+
+
 def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg: TrainSection, folder: Path,
                accelerator, metrics: MetricsLogger, seed: int,
                summarize: SummarizeFn = default_summarize) -> LoopResult:
@@ -155,7 +166,7 @@ def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg
                           f"{world} processes); lower them or add data")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
 
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience, min_lr=cfg.min_lr)
     prepare_for_sharding(accelerator, model, cfg, stage)
@@ -172,6 +183,11 @@ def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg
                              f"{ckpt['per_step']} sequences per step; resume with the same launch and batch "
                              f"settings or delete {folder}")
         load_named(named, ckpt["params"], f"resume {ckpt_path}")
+        if len(ckpt["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+            raise ConfigError(f"{stage}: {ckpt_path} was written with {len(ckpt['optimizer']['param_groups'])} "
+                              f"optimizer group(s), this run has {len(optimizer.param_groups)} "
+                              f"({stage}.decay_lr_scale={cfg.decay_lr_scale}); resume with the same "
+                              f"{stage}.decay_lr_scale or delete {folder}")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start, best_loss, best_step = ckpt["step"], ckpt["best_loss"], ckpt["best_step"]

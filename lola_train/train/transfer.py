@@ -89,6 +89,17 @@ def summarize_transfer(sums: dict, n: int) -> dict:
     return out
 
 
+def decay_horizons(layers) -> dict | None:
+    """Learned horizons 1 / (1 - gamma) of the linear memory over every layer's heads: min, median, 90th
+    percentile, max (tokens), or None without ``attention.linear_decay``."""
+    gammas = [layer.decay() for layer in layers if layer.decay_factors is not None]
+    if not gammas:
+        return None
+    horizon = 1.0 / (1.0 - torch.cat(gammas).detach().double())
+    q = torch.quantile(horizon, torch.tensor([0.0, 0.5, 0.9, 1.0], dtype=torch.float64))
+    return {k: round(v, 1) for k, v in zip(("min", "median", "q90", "max"), q.tolist())}
+
+
 def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
     """Train stage 1 (resuming from its checkpoint) and write ``<output_dir>/transfer/final.pt``.
 
@@ -102,6 +113,7 @@ def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
     init_path = load_init(recipe, model) if cfg.init_from else None  # a resumed run then loads its own ckpt
     set_cached_fraction(model, cfg.cached_fraction, cfg.cached_max)
     set_activation_checkpointing(model, cfg.activation_checkpointing, transfer=True)
+    horizons_initial = decay_horizons(layers)
     result = train_loop(stage="transfer", model=model, loss_fn=transfer_loss_fn(layers, cfg.mse_factor,
                                                                                  cfg.xent_factor),
                         train=data["train"], val=data["val"], cfg=cfg, folder=folder, accelerator=accelerator,
@@ -113,6 +125,7 @@ def run_transfer(recipe: Recipe, accelerator, metrics, data_fn) -> dict:
                "mse_per_layer_last_eval": result.last_eval.get("mse_per_layer"),
                "mse_by_bucket_before": result.initial_eval.get("mse_by_bucket"),
                "mse_by_bucket_last_eval": result.last_eval.get("mse_by_bucket"),
+               "decay_horizons_initial": horizons_initial, "decay_horizons_final": decay_horizons(layers),
                "seconds_per_step": result.seconds_per_step,
                "trainable_params": sum(p.numel() for _, p in named_transfer_parameters(model))}
     set_cached_fraction(model, 0.0)
