@@ -130,13 +130,13 @@ def prepare_for_sharding(accelerator, model: nn.Module, cfg: TrainSection, stage
 
 def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainSection) -> list[dict]:
     """AdamW groups: every parameter at ``cfg.lr``; with ``decay_lr_scale != 1`` the decay logits
-    (``*decay_factors``) form a second group at ``decay_lr_scale * lr``. The base group stays first (its lr is
-    the one logged)."""
-    is_decay = [n.endswith("decay_factors") for n, _ in named]
-    if cfg.decay_lr_scale == 1.0 or not any(is_decay) or all(is_decay):
-        return [{"params": [p for _, p in named], "lr": cfg.lr * (cfg.decay_lr_scale if all(is_decay) else 1.0)}]
-    return [{"params": [p for (_, p), d in zip(named, is_decay) if not d], "lr": cfg.lr},
-            {"params": [p for (_, p), d in zip(named, is_decay) if d], "lr": cfg.lr * cfg.decay_lr_scale}]
+    (``*decay_factors``) form a second group at ``decay_lr_scale * lr``; empty groups are left out. The base group
+    stays first when present (its lr is the one logged)."""
+    if cfg.decay_lr_scale == 1.0:
+        return [{"params": [p for _, p in named], "lr": cfg.lr}]
+    groups = [{"params": [p for n, p in named if not n.endswith("decay_factors")], "lr": cfg.lr},
+              {"params": [p for n, p in named if n.endswith("decay_factors")], "lr": cfg.lr * cfg.decay_lr_scale}]
+    return [g for g in groups if g["params"]]
 
 
 def train_loop(*, stage: str, model: nn.Module, loss_fn: LossFn, train, val, cfg: TrainSection, folder: Path,
